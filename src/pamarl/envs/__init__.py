@@ -1,0 +1,1 @@
+"""Environment adapters behind one batched multi-agent interface (see ``pamarl.envs.base``)."""

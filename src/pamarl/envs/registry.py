@@ -1,0 +1,177 @@
+"""Environment ids and families.
+
+An env id is ``family/task`` with optional parameters in query form, for example
+``mpe/simple_spread_v3``, ``mpe/simple_spread_v3?N=4&continuous=true`` or
+``matrix/homogeneity_trap?n=4``. Parameter values are parsed as YAML scalars (numbers, booleans,
+strings); nothing is evaluated.
+
+This module never imports torch: subprocess env workers import it to rebuild their env copies.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import yaml
+
+from pamarl.errors import UsageError
+
+if TYPE_CHECKING:
+    from pamarl.envs.base import BatchedEnv, MultiAgentEnv
+
+
+@dataclass
+class EnvFamily:
+    """A family of tasks sharing one adapter.
+
+    Exactly one of ``make_single`` (one numpy copy; the library vectorises it) and ``make_batched``
+    (a natively batched simulator) is given.
+    """
+
+    name: str
+    description: str
+    tasks: dict[str, str] = field(default_factory=dict)
+    """Known task names with a one-line description (listed by ``pamarl list``)."""
+    open_tasks: bool = False
+    """Accept task names outside ``tasks`` (e.g. any importable PettingZoo env)."""
+    make_single: Callable[..., MultiAgentEnv] | None = None
+    make_batched: Callable[..., BatchedEnv] | None = None
+    extra: str | None = None
+    """The optional dependency group (``pip install pamarl[extra]``) the family needs, if any."""
+
+
+_FAMILIES: dict[str, EnvFamily] = {}
+# Built-in families register themselves when their module is imported; this maps each family to it
+# so that ids resolve without importing every simulator up front.
+_BUILTIN_MODULES = {
+    "mpe": "pamarl.envs.mpe",
+    "matrix": "pamarl.envs.matrix",
+    "pettingzoo": "pamarl.envs.generic",
+    "mamujoco": "pamarl.envs.mamujoco",
+    "safe-mamujoco": "pamarl.envs.mamujoco",
+}
+
+
+def register_family(family: EnvFamily) -> EnvFamily:
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _load(name: str) -> EnvFamily | None:
+    if name not in _FAMILIES and name in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(_BUILTIN_MODULES[name])
+        except ModuleNotFoundError:
+            return None
+    return _FAMILIES.get(name)
+
+
+def families(load: bool = True) -> dict[str, EnvFamily]:
+    """All registered families (importing the built-in ones whose dependencies are installed)."""
+    if load:
+        for name in _BUILTIN_MODULES:
+            _load(name)
+    return dict(_FAMILIES)
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def parse_env_id(env_id: str) -> tuple[str, str, dict[str, Any]]:
+    """Split ``family/task?k=v&...`` into its parts, parsing each value as a YAML scalar."""
+    base, _, query = env_id.partition("?")
+    if "/" not in base:
+        raise UsageError(
+            f"env id {env_id!r} has no family: write it as family/task, e.g. 'mpe/simple_spread_v3'. "
+            f"Families: {', '.join(sorted(families()))}"
+        )
+    family, task = base.split("/", 1)
+    params: dict[str, Any] = {}
+    for k, v in parse_qsl(query, keep_blank_values=True):
+        try:
+            params[k] = yaml.safe_load(v) if v != "" else ""
+        except yaml.YAMLError:
+            params[k] = v
+    return family, task, params
+
+
+def resolve(env_id: str) -> tuple[EnvFamily, str, dict[str, Any]]:
+    """Look up an env id, raising :class:`UsageError` with the nearest valid names if unknown."""
+    fam_name, task, params = parse_env_id(env_id)
+    fam = _load(fam_name)
+    if fam is None:
+        if fam_name in _BUILTIN_MODULES:
+            raise UsageError(
+                f"env family {fam_name!r} needs an optional dependency that is not installed: "
+                f"pip install 'pamarl[{_extra_of(fam_name)}]'"
+            )
+        raise UsageError(
+            f"unknown env family {fam_name!r}.{_suggest(fam_name, list(families()))} "
+            f"Known families: {', '.join(sorted(families()))}"
+        )
+    if not fam.open_tasks and task not in fam.tasks:
+        raise UsageError(
+            f"unknown task {task!r} in env family {fam_name!r}.{_suggest(task, list(fam.tasks))} "
+            f"Known tasks: {', '.join(sorted(fam.tasks))}"
+        )
+    return fam, task, params
+
+
+def _extra_of(family: str) -> str:
+    return {"mamujoco": "mujoco", "safe-mamujoco": "mujoco", "magent": "magent"}.get(family, family)
+
+
+def _make_single(family: str, task: str, params: dict[str, Any], seed: int | None) -> MultiAgentEnv:
+    """Top-level (hence picklable) factory used by subprocess workers."""
+    fam = _load(family)
+    if fam is None or fam.make_single is None:
+        raise UsageError(f"env family {family!r} cannot build single env copies")
+    try:
+        return fam.make_single(task, seed=seed, **params)
+    except TypeError as e:
+        raise UsageError(f"env {family}/{task}: bad parameter ({e})") from e
+
+
+def make_env(
+    env_id: str,
+    num_envs: int = 1,
+    workers: int = 0,
+    seed: int | None = None,
+    device: str = "cpu",
+    **overrides: Any,
+) -> BatchedEnv:
+    """Build ``num_envs`` copies of the task ``env_id`` as one :class:`BatchedEnv`.
+
+    Args:
+        env_id: ``family/task?param=value&...``.
+        num_envs: parallel copies ``E``.
+        workers: 0 steps the copies in this process; ``W > 0`` in ``W`` subprocesses.
+        seed: construction seed (copies are re-seeded on ``reset(seed)``).
+        overrides: extra env parameters, merged over the id's query parameters.
+    """
+    if num_envs < 1:
+        raise UsageError(f"num_envs must be at least 1, got {num_envs}")
+    fam, task, params = resolve(env_id)
+    params = {**params, **overrides}
+    if fam.make_batched is not None:
+        try:
+            return fam.make_batched(task, num_envs=num_envs, seed=seed, device=device, **params)
+        except TypeError as e:
+            raise UsageError(f"env {env_id}: bad parameter ({e})") from e
+    from pamarl.envs.vector import VectorEnv
+
+    fns = [
+        functools.partial(_make_single, fam.name, task, params, None if seed is None else seed + i)
+        for i in range(num_envs)
+    ]
+    if workers > 0:
+        fns[0]().close()  # fail fast here on a bad parameter, with a clear message, before spawning
+    return VectorEnv(fns, workers=workers)

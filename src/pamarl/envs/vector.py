@@ -1,0 +1,251 @@
+"""Run ``E`` copies of a :class:`MultiAgentEnv` as one :class:`BatchedEnv`, in-process or in subprocesses.
+
+The copies are split into groups; each group is stepped by :class:`EnvGroup` (plain numpy, so a
+subprocess worker never imports torch). With ``workers=0`` one group runs in this process; with
+``workers=W`` the copies are spread over ``W`` spawned processes that step in parallel.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from pamarl.envs.base import BatchedEnv, BatchObs, BatchStep, EnvObs, EpisodeStats, MultiAgentEnv
+
+EnvFn = Callable[[], MultiAgentEnv]
+_OBS_KEYS = ("obs", "state", "action_mask", "active")
+
+
+def _stack_obs(items: Sequence[EnvObs]) -> dict[str, np.ndarray]:
+    return {k: np.stack([getattr(o, k) for o in items]) for k in _OBS_KEYS}
+
+
+class EnvGroup:
+    """Steps a few env copies with auto-reset and per-episode accounting (numpy only)."""
+
+    def __init__(self, env_fns: Sequence[EnvFn]):
+        self.envs = [fn() for fn in env_fns]
+        n = len(self.envs)
+        n_agents = self.envs[0].spec.n_agents
+        self.ep_return = np.zeros((n, n_agents), np.float64)
+        self.ep_cost = np.zeros(n, np.float64)
+        self.ep_len = np.zeros(n, np.int64)
+
+    def reset(self, seeds: Sequence[int | None]) -> dict[str, np.ndarray]:
+        self.ep_return[:] = 0.0
+        self.ep_cost[:] = 0.0
+        self.ep_len[:] = 0
+        return _stack_obs([env.reset(seed=s) for env, s in zip(self.envs, seeds)])
+
+    def step(self, actions: np.ndarray) -> dict[str, Any]:
+        nxt, fin = [], []
+        rewards, costs, term, trunc, episodes = [], [], [], [], []
+        for j, env in enumerate(self.envs):
+            st = env.step(actions[j])
+            self.ep_return[j] += st.reward
+            self.ep_len[j] += 1
+            if st.cost is not None:
+                self.ep_cost[j] += float(np.mean(st.cost))
+            rewards.append(st.reward)
+            costs.append(st.cost)
+            term.append(st.terminated)
+            trunc.append(st.truncated and not st.terminated)
+            obs = EnvObs(st.obs, st.state, st.action_mask, st.active)
+            fin.append(obs)
+            if st.terminated or st.truncated:
+                episodes.append(
+                    EpisodeStats(
+                        team_return=float(self.ep_return[j].sum()),
+                        agent_returns=[float(x) for x in self.ep_return[j]],
+                        length=int(self.ep_len[j]),
+                        cost=float(self.ep_cost[j]),
+                        truncated=bool(st.truncated and not st.terminated),
+                    )
+                )
+                self.ep_return[j] = 0.0
+                self.ep_cost[j] = 0.0
+                self.ep_len[j] = 0
+                obs = env.reset()
+            nxt.append(obs)
+        out: dict[str, Any] = {
+            "next": _stack_obs(nxt),
+            "final": _stack_obs(fin),
+            "reward": np.stack(rewards).astype(np.float32),
+            "cost": None if costs[0] is None else np.stack(costs).astype(np.float32),
+            "terminated": np.asarray(term, bool),
+            "truncated": np.asarray(trunc, bool),
+            "episodes": episodes,
+        }
+        return out
+
+    def render(self, index: int) -> np.ndarray | None:
+        return self.envs[index].render()
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def _worker(conn: Connection, env_fns: Sequence[EnvFn]) -> None:
+    try:
+        group = EnvGroup(env_fns)
+    except BaseException as e:  # report construction errors to the parent instead of hanging
+        conn.send(("error", repr(e)))
+        conn.close()
+        return
+    conn.send(("ok", group.envs[0].spec))
+    while True:
+        try:
+            cmd, arg = conn.recv()
+        except EOFError:
+            break
+        try:
+            if cmd == "step":
+                conn.send(("ok", group.step(arg)))
+            elif cmd == "reset":
+                conn.send(("ok", group.reset(arg)))
+            elif cmd == "render":
+                conn.send(("ok", group.render(arg)))
+            elif cmd == "close":
+                group.close()
+                conn.send(("ok", None))
+                break
+        except BaseException as e:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+    conn.close()
+
+
+class VectorEnv(BatchedEnv):
+    """``E`` copies of a :class:`MultiAgentEnv` behind the batched torch interface.
+
+    Args:
+        env_fns: one picklable factory per copy.
+        workers: 0 steps every copy in this process; ``W > 0`` spreads them over ``W`` subprocesses.
+    """
+
+    def __init__(self, env_fns: Sequence[EnvFn], workers: int = 0):
+        if not env_fns:
+            raise ValueError("VectorEnv needs at least one env factory")
+        self.num_envs = len(env_fns)
+        self.workers = min(int(workers), self.num_envs)
+        self._group: EnvGroup | None = None
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        self._slices: list[slice] = []
+        if self.workers <= 0:
+            self._group = EnvGroup(env_fns)
+            self.spec = self._group.envs[0].spec
+        else:
+            ctx = mp.get_context("spawn")  # fork after torch is loaded is unsafe; spawn workers stay light
+            bounds = np.linspace(0, self.num_envs, self.workers + 1).round().astype(int)
+            for w in range(self.workers):
+                sl = slice(int(bounds[w]), int(bounds[w + 1]))
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_worker, args=(child, list(env_fns[sl])), daemon=True)
+                p.start()
+                child.close()
+                self._conns.append(parent)
+                self._procs.append(p)
+                self._slices.append(sl)
+            specs = [self._recv(c) for c in self._conns]
+            self.spec = specs[0]
+        self._closed = False
+
+    # ------------------------------------------------------------------ plumbing
+    def _recv(self, conn: Connection) -> Any:
+        try:
+            status, payload = conn.recv()
+        except EOFError as e:
+            raise RuntimeError("an environment worker process died; see its traceback above") from e
+        if status == "error":
+            raise RuntimeError(f"environment worker failed: {payload}")
+        return payload
+
+    def _broadcast(self, cmd: str, args: Sequence[Any]) -> list[Any]:
+        for conn, a in zip(self._conns, args):
+            conn.send((cmd, a))
+        return [self._recv(c) for c in self._conns]
+
+    @staticmethod
+    def _to_obs(d: dict[str, np.ndarray]) -> BatchObs:
+        import torch
+
+        return BatchObs(
+            obs=torch.from_numpy(np.ascontiguousarray(d["obs"], dtype=np.float32)),
+            state=torch.from_numpy(np.ascontiguousarray(d["state"], dtype=np.float32)),
+            action_mask=torch.from_numpy(np.ascontiguousarray(d["action_mask"], dtype=bool)),
+            active=torch.from_numpy(np.ascontiguousarray(d["active"], dtype=bool)),
+        )
+
+    # ------------------------------------------------------------------ API
+    def reset(self, seed: int | None = None) -> BatchObs:
+        seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
+        if self._group is not None:
+            return self._to_obs(self._group.reset(seeds))
+        parts = self._broadcast("reset", [seeds[sl] for sl in self._slices])
+        return self._to_obs({k: np.concatenate([p[k] for p in parts]) for k in _OBS_KEYS})
+
+    def step(self, actions: Any) -> BatchStep:
+        import torch
+
+        acts = actions.detach().cpu().numpy() if isinstance(actions, torch.Tensor) else np.asarray(actions)
+        if acts.shape[0] != self.num_envs:
+            raise ValueError(f"step: expected actions for {self.num_envs} envs, got shape {tuple(acts.shape)}")
+        if self._group is not None:
+            out = self._group.step(acts)
+        else:
+            parts = self._broadcast("step", [acts[sl] for sl in self._slices])
+            out = {
+                "next": {k: np.concatenate([p["next"][k] for p in parts]) for k in _OBS_KEYS},
+                "final": {k: np.concatenate([p["final"][k] for p in parts]) for k in _OBS_KEYS},
+                "reward": np.concatenate([p["reward"] for p in parts]),
+                "cost": None if parts[0]["cost"] is None else np.concatenate([p["cost"] for p in parts]),
+                "terminated": np.concatenate([p["terminated"] for p in parts]),
+                "truncated": np.concatenate([p["truncated"] for p in parts]),
+                "episodes": [e for p in parts for e in p["episodes"]],
+            }
+        return BatchStep(
+            next=self._to_obs(out["next"]),
+            final=self._to_obs(out["final"]),
+            reward=torch.from_numpy(out["reward"]),
+            cost=None if out["cost"] is None else torch.from_numpy(out["cost"]),
+            terminated=torch.from_numpy(out["terminated"]),
+            truncated=torch.from_numpy(out["truncated"]),
+            episodes=out["episodes"],
+        )
+
+    def render(self, index: int = 0) -> np.ndarray | None:
+        if self._group is not None:
+            return self._group.render(index)
+        for conn, sl in zip(self._conns, self._slices):
+            if sl.start <= index < sl.stop:
+                conn.send(("render", index - sl.start))
+                return self._recv(conn)
+        raise IndexError(index)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._group is not None:
+            self._group.close()
+        for conn in self._conns:
+            try:
+                conn.send(("close", None))
+                conn.recv()
+            except (BrokenPipeError, EOFError, OSError):
+                pass
+        for p in self._procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

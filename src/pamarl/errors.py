@@ -1,0 +1,13 @@
+"""Exceptions with messages meant for the person at the keyboard."""
+
+
+class UsageError(ValueError):
+    """Bad user input (unknown name, bad value, wrong shape). The CLI prints it and exits with 2."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or from an incompatible run."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. a loss became NaN); what was saved before stays intact."""
