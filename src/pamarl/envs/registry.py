@@ -44,6 +44,8 @@ class EnvFamily:
     make_batched: Callable[..., BatchedEnv] | None = None
     extra: str | None = None
     """The optional dependency group (``pip install pamarl[extra]``) the family needs, if any."""
+    default_cost_limit: float | None = None
+    """Per-episode cost limit used when a run does not set ``cost_limit`` (tasks with a cost)."""
 
 
 _FAMILIES: dict[str, EnvFamily] = {}

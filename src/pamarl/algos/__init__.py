@@ -1,0 +1,1 @@
+"""Algorithms, one file each, registered by name (see :mod:`pamarl.algos.registry`)."""

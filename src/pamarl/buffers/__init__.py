@@ -1,0 +1,1 @@
+"""On-policy rollouts (GAE, value normalisation) and off-policy replay."""

@@ -1,0 +1,192 @@
+"""On-policy rollout storage, generalised advantage estimation and value normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from pamarl.envs.base import BatchObs, BatchStep, EnvSpec
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_values: torch.Tensor,
+    terminated: torch.Tensor,
+    done: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over ``[T, ...]`` tensors.
+
+    ``delta_t = r_t + gamma * (1 - terminated_t) * V(s'_t) - V(s_t)`` and
+    ``A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1}``, where ``s'_t`` is the true successor
+    of step ``t`` (the final observation when the episode ended). A time-limit truncation is
+    ``done`` but not ``terminated``: the advantage recursion stops at the episode boundary, yet the
+    truncated step still bootstraps from ``V(s'_t)``. Returns ``(advantages, returns = A + V)``.
+    """
+    if not (rewards.shape == values.shape == next_values.shape):
+        raise ValueError(
+            f"gae: rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and next_values "
+            f"{tuple(next_values.shape)} must have the same shape"
+        )
+    not_term = 1.0 - terminated.to(rewards.dtype)
+    not_done = 1.0 - done.to(rewards.dtype)
+    while not_term.dim() < rewards.dim():  # [T, E] flags broadcast over agents
+        not_term = not_term.unsqueeze(-1)
+        not_done = not_done.unsqueeze(-1)
+    deltas = rewards + gamma * not_term * next_values - values
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in range(rewards.shape[0] - 1, -1, -1):
+        last = deltas[t] + gamma * lam * not_done[t] * last
+        adv[t] = last
+    return adv, adv + values
+
+
+class ValueNorm(nn.Module):
+    """Running normaliser of value targets (MAPPO, Yu et al. 2022, appendix: "value normalization").
+
+    Keeps exponentially weighted first and second moments with bias correction:
+    ``m <- beta m + (1 - beta) mean(x)``, ``s <- beta s + (1 - beta) mean(x^2)``,
+    ``d <- beta d + (1 - beta)``; the debiased mean is ``m / d`` and the variance
+    ``max(s / d - (m / d)^2, 1e-2)``. One statistic per trailing feature (e.g. per agent).
+    """
+
+    def __init__(self, shape: int | tuple[int, ...], beta: float = 0.99999, eps: float = 1e-5):
+        super().__init__()
+        self.beta = beta
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("running_mean_sq", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("debiasing_term", torch.zeros((), dtype=torch.float64))
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.debiasing_term.clamp_min(self.eps)
+        mean = self.running_mean / d
+        var = (self.running_mean_sq / d - mean**2).clamp_min(1e-2)
+        return mean, var
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Update with a batch ``[..., *shape]`` (``weight`` masks out padded samples)."""
+        x = x.double()
+        dims = tuple(range(x.dim() - self.running_mean.dim()))
+        if weight is None:
+            bm, bsq = x.mean(dims), (x**2).mean(dims)
+        else:
+            w = weight.double()
+            tot = w.sum(dims).clamp_min(1.0)
+            bm, bsq = (x * w).sum(dims) / tot, (x**2 * w).sum(dims) / tot
+        b = self.beta
+        self.running_mean.mul_(b).add_(bm * (1 - b))
+        self.running_mean_sq.mul_(b).add_(bsq * (1 - b))
+        self.debiasing_term.mul_(b).add_(1 - b)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var = self.stats()
+        return ((x - mean) / var.sqrt()).to(x.dtype)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var = self.stats()
+        return (x * var.sqrt() + mean).to(x.dtype)
+
+
+@dataclass
+class Rollout:
+    """One iteration's on-policy data, ``[T, E, ...]``; all per-agent fields are ``[T, E, N, ...]``."""
+
+    obs: torch.Tensor
+    state: torch.Tensor
+    action_mask: torch.Tensor
+    active: torch.Tensor
+    action: torch.Tensor
+    logp: torch.Tensor
+    value: torch.Tensor
+    reward: torch.Tensor
+    terminated: torch.Tensor
+    done: torch.Tensor
+    next_obs: torch.Tensor
+    next_state: torch.Tensor
+    cost: torch.Tensor | None = None
+    cost_value: torch.Tensor | None = None
+
+
+class RolloutBuffer:
+    """Preallocated storage for ``T`` steps of ``E`` envs; filled by :meth:`add`, read by :meth:`data`."""
+
+    def __init__(self, spec: EnvSpec, num_envs: int, length: int, with_cost: bool, device: torch.device):
+        T, E, N = length, num_envs, spec.n_agents
+        z = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        act_shape = (T, E, N) if spec.discrete else (T, E, N, spec.act_dim)
+        self.length = T
+        self.t = 0
+        self._data = Rollout(
+            obs=z(T, E, N, spec.obs_dim),
+            state=z(T, E, spec.state_dim),
+            action_mask=z(T, E, N, spec.act_dim, dt=torch.bool),
+            active=z(T, E, N, dt=torch.bool),
+            action=z(*act_shape, dt=torch.long if spec.discrete else torch.float32),
+            logp=z(T, E, N),
+            value=z(T, E, N),
+            reward=z(T, E, N),
+            terminated=z(T, E, dt=torch.bool),
+            done=z(T, E, dt=torch.bool),
+            next_obs=z(T, E, N, spec.obs_dim),
+            next_state=z(T, E, spec.state_dim),
+            cost=z(T, E, N) if with_cost else None,
+            cost_value=z(T, E, N) if with_cost else None,
+        )
+
+    def add(
+        self,
+        obs: BatchObs,
+        action: torch.Tensor,
+        logp: torch.Tensor,
+        value: torch.Tensor,
+        cost_value: torch.Tensor | None,
+        step: BatchStep,
+    ) -> None:
+        if self.t >= self.length:
+            raise RuntimeError("RolloutBuffer is full; call reset() after the update")
+        d, t = self._data, self.t
+        d.obs[t] = obs.obs
+        d.state[t] = obs.state
+        d.action_mask[t] = obs.action_mask
+        d.active[t] = obs.active
+        d.action[t] = action
+        d.logp[t] = logp
+        d.value[t] = value
+        d.reward[t] = step.reward
+        d.terminated[t] = step.terminated
+        d.done[t] = step.terminated | step.truncated
+        d.next_obs[t] = step.final.obs
+        d.next_state[t] = step.final.state
+        if d.cost is not None:
+            d.cost[t] = step.cost if step.cost is not None else 0.0
+            d.cost_value[t] = cost_value  # type: ignore[index]
+        self.t += 1
+
+    @property
+    def full(self) -> bool:
+        return self.t >= self.length
+
+    def data(self) -> Rollout:
+        if not self.full:
+            raise RuntimeError(f"RolloutBuffer holds {self.t} of {self.length} steps")
+        return self._data
+
+    def reset(self) -> None:
+        self.t = 0
+
+
+def flatten_rollout(r: Rollout) -> dict[str, torch.Tensor]:
+    """``[T, E, ...]`` -> ``[T * E, ...]`` for every field that is present."""
+    out = {}
+    for f in fields(r):
+        v = getattr(r, f.name)
+        if v is not None:
+            out[f.name] = v.reshape(-1, *v.shape[2:])
+    return out

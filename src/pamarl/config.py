@@ -1,0 +1,244 @@
+"""Configuration: one dataclass field per hyperparameter, YAML presets, ``key=value`` overrides.
+
+A run is configured by :class:`TrainConfig` (what every algorithm shares: env, budget, logging) and
+by the algorithm's own ``Config`` dataclass. Both live in one flat namespace on the command line
+(``pamarl train ... lr=3e-4 num_envs=4``); ``run.key`` / ``algo.key`` may be written to be explicit.
+A YAML file may be flat or have ``run:`` and ``algo:`` sections. Unknown keys are an error naming
+the key and the nearest valid ones; values are parsed as YAML scalars and checked against the
+field's type.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from pamarl.errors import UsageError
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every algorithm: task, budget, evaluation, logging, checkpoints."""
+
+    algo: str = "progressive"
+    """Algorithm name (``pamarl list`` shows them)."""
+    env: str = "mpe/simple_spread_v3"
+    """Env id ``family/task?param=value``."""
+    steps: int = 300_000
+    """Total environment steps (counted per env copy step: one step of E copies counts E)."""
+    seed: int = 1
+    """Seed of networks, sampling and environments."""
+    num_envs: int = 8
+    """Parallel environment copies E."""
+    rollout_len: int = 200
+    """Steps per env copy in each iteration (on-policy rollout length T)."""
+    env_workers: int = 0
+    """0: step the env copies in this process; W > 0: in W subprocesses."""
+    eval_every: int = 10
+    """Evaluate every this many iterations (0: only at the end)."""
+    eval_episodes: int = 10
+    """Episodes per evaluation."""
+    eval_deterministic: bool = True
+    """Evaluate with the most likely action (greedy) instead of sampling."""
+    checkpoint_every: int = 50
+    """Write checkpoints/latest.pt every this many iterations (0: only the final one). Training envs
+    are re-seeded and reset at each checkpoint so that a resumed run replays exactly."""
+    keep_checkpoints: bool = False
+    """Also keep a numbered copy of every periodic checkpoint."""
+    cost_limit: float | None = None
+    """Per-episode cost limit on tasks with a cost (None: the env family's default)."""
+    torch_threads: int = 1
+    """torch intra-op threads; 1 is fastest on small machines (two threads fight the env for cores)."""
+    device: str = "cpu"
+    """torch device for the networks."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files."""
+    progress: bool = True
+    """Show a progress bar."""
+    run_dir: str | None = None
+    """Output directory (default: runs/<algo>-<task>-s<seed>-<time>)."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal under each field)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(src).body[0].body  # type: ignore[attr-defined]
+        for a, b in zip(body, body[1:]):
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(a.target, ast.Name)
+                and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
+                docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except UsageError as e:
+                errors.append(str(e))
+        raise UsageError(f"config key {key!r}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise UsageError(f"config key {key!r}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, list | tuple):
+            value = [value]
+        inner = get_args(tp)[0] if get_args(tp) else Any
+        seq = [_coerce(v, inner, key) for v in value]
+        return tuple(seq) if origin is tuple else seq
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise UsageError(f"config key {key!r}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UsageError(f"config key {key!r}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise UsageError(f"config key {key!r}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise UsageError(f"config key {key!r}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"config key {key!r}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        return str(value)
+    return value
+
+
+def build(cls: type, values: dict[str, Any], what: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``values``, checking names and types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise UsageError(f"unknown {what} config key {k!r}.{hint} Valid keys: {', '.join(names)}")
+        kwargs[k] = _coerce(v, hints[k], k)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"invalid {what} config: {e}") from e
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=3e-4", "hidden=[64,64]"]`` -> ``{"lr": 0.0003, "hidden": [64, 64]}`` (YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"override {item!r} is not of the form key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {str(p)!r} must hold a mapping of keys to values")
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        if k in ("run", "algo") and isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return flat
+
+
+def split_keys(values: dict[str, Any], algo_cls: type | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Route flat keys to the run config or the algorithm config (``run.``/``algo.`` prefixes force)."""
+    run_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    algo_names = {f.name for f in dataclasses.fields(algo_cls)} if algo_cls is not None else set()
+    run_v: dict[str, Any] = {}
+    algo_v: dict[str, Any] = {}
+    for k, v in values.items():
+        if k.startswith("run."):
+            run_v[k[4:]] = v
+        elif k.startswith("algo."):
+            algo_v[k[5:]] = v
+        elif k in run_names:
+            run_v[k] = v
+        elif k in algo_names:
+            algo_v[k] = v
+        else:
+            valid = sorted(run_names | algo_names)
+            close = difflib.get_close_matches(k, valid, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise UsageError(
+                f"unknown config key {k!r}.{hint} See `pamarl list --config <algo>` for the valid keys."
+            )
+    return run_v, algo_v
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as plain YAML-friendly values (tuples become lists)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out

@@ -1,0 +1,1 @@
+"""Networks: per-agent MLPs evaluated together, policies, critics and mixers."""

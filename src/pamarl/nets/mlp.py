@@ -1,0 +1,104 @@
+"""Per-agent MLPs evaluated together.
+
+``AgentMLP`` holds one small MLP per agent (or one shared MLP) and evaluates any subset of agents in
+one batched matrix product: inputs ``[B, k, in]`` for the ``k`` selected agents give ``[B, k, out]``.
+Each agent's weights are separate ``nn.Parameter`` tensors, so that an optimiser per agent owns only
+that agent's parameters and a sequential update of one agent never moves another (Adam's moments of
+an untouched agent stay untouched). The weights are stacked on the fly for the batched product; the
+stack is cheap next to the product itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.functional.relu, "tanh": torch.tanh, "elu": nn.functional.elu}
+
+
+def _init_linear(layer: nn.Linear, gain: float) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, gain=gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class _MLP(nn.Module):
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, out_gain: float, act_gain: float):
+        super().__init__()
+        dims = [in_dim, *hidden]
+        self.layers = nn.ModuleList(_init_linear(nn.Linear(a, b), act_gain) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers.append(_init_linear(nn.Linear(dims[-1], out_dim), out_gain))
+
+
+class AgentMLP(nn.Module):
+    """``n_agents`` MLPs ``in_dim -> hidden -> out_dim``; one shared MLP when ``shared``.
+
+    Args:
+        agent_id: with ``shared``, append a one-hot agent id to the input so the shared network can
+            tell agents apart.
+        out_gain: orthogonal-init gain of the output layer (0.01 for policy logits, 1 for values).
+    """
+
+    def __init__(
+        self,
+        n_agents: int,
+        in_dim: int,
+        out_dim: int,
+        hidden: Sequence[int] = (128, 128),
+        activation: str = "relu",
+        shared: bool = False,
+        agent_id: bool = False,
+        out_gain: float = 1.0,
+    ):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        self.n_agents = n_agents
+        self.shared = shared
+        self.agent_id = agent_id and shared
+        self.act = ACTIVATIONS[activation]
+        gain = nn.init.calculate_gain("relu" if activation == "relu" else "tanh")
+        real_in = in_dim + (n_agents if self.agent_id else 0)
+        n_nets = 1 if shared else n_agents
+        self.nets = nn.ModuleList(_MLP(real_in, hidden, out_dim, out_gain, gain) for _ in range(n_nets))
+        self.n_layers = len(hidden) + 1
+
+    def agent_parameters(self, i: int) -> list[nn.Parameter]:
+        """Parameters that agent ``i``'s output depends on (all of them when shared)."""
+        return list(self.nets[0 if self.shared else i].parameters())
+
+    def forward(self, x: torch.Tensor, agents: Sequence[int] | None = None) -> torch.Tensor:
+        """``x``: ``[..., k, in]`` for the ``k`` agents in ``agents`` (default: all) -> ``[..., k, out]``."""
+        idx = list(range(self.n_agents)) if agents is None else list(agents)
+        lead = x.shape[:-2]
+        k = x.shape[-2]
+        if k != len(idx):
+            raise ValueError(f"AgentMLP: input has {k} agents but {len(idx)} were selected")
+        if self.agent_id:
+            eye = torch.eye(self.n_agents, dtype=x.dtype, device=x.device)[idx]
+            x = torch.cat([x, eye.expand(*lead, k, self.n_agents)], -1)
+        if self.shared:
+            h = x
+            net = self.nets[0]
+            for j, layer in enumerate(net.layers):
+                h = layer(h)
+                if j < self.n_layers - 1:
+                    h = self.act(h)
+            return h
+        h = x.reshape(-1, k, x.shape[-1]).transpose(0, 1)  # [k, B, in]
+        if k == 1:  # a single agent: plain linear layers, no stacking
+            net = self.nets[idx[0]]
+            for j, layer in enumerate(net.layers):
+                h = layer(h)
+                if j < self.n_layers - 1:
+                    h = self.act(h)
+        else:
+            for j in range(self.n_layers):
+                w = torch.stack([self.nets[i].layers[j].weight for i in idx])  # [k, out, in]
+                b = torch.stack([self.nets[i].layers[j].bias for i in idx])  # [k, out]
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+                if j < self.n_layers - 1:
+                    h = self.act(h)
+        return h.transpose(0, 1).reshape(*lead, k, h.shape[-1])

@@ -1,0 +1,308 @@
+"""The one training loop: collect -> algo.update -> log -> evaluate -> checkpoint.
+
+Every algorithm, on- or off-policy, runs through :func:`train`. An iteration is ``rollout_len``
+steps of ``num_envs`` env copies followed by one ``algo.update``. The team return logged as
+``train/return_mean`` is the mean, over the episodes that finished during the iteration, of the
+undiscounted sum over agents of their episode returns.
+
+Exact resume: at every checkpoint the training envs are re-seeded (from the run seed and the
+iteration) and reset, so the state to restore is only what the checkpoint holds (parameters,
+optimisers, normalisers, RNG streams, counters), whatever the simulator. Unfinished episodes at that
+point are cut and bootstrapped like a time limit (GAE already bootstraps the last step of a rollout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from pamarl.algos.base import Algorithm, Progress
+from pamarl.algos.registry import get_algorithm
+from pamarl.checkpoint import load_checkpoint, save_checkpoint
+from pamarl.config import TrainConfig, build, load_yaml, split_keys, to_dict
+from pamarl.envs.base import BatchedEnv, EnvSpec
+from pamarl.envs.registry import make_env, resolve
+from pamarl.errors import CheckpointError, UsageError
+from pamarl.logging import MetricsLogger
+
+DEFAULT_COST_LIMIT = 25.0
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    run_dir: Path
+    iterations: int
+    env_steps: int
+    wall_s: float
+    first_return: float | None
+    last_return: float | None
+    final_eval: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.env_steps / max(self.wall_s, 1e-9)
+
+
+# ---------------------------------------------------------------------- configuration
+def build_configs(values: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, Any]:
+    """Run and algorithm configs from a YAML file and flat overrides (overrides win)."""
+    merged: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    merged.update(values)
+    algo_name = merged.get("run.algo", merged.get("algo", TrainConfig.algo))
+    algo_cls = get_algorithm(str(algo_name))
+    run_v, algo_v = split_keys(merged, algo_cls.Config)
+    run = build(TrainConfig, run_v, "run")
+    return run, build(algo_cls.Config, algo_v, f"{algo_cls.name}")
+
+
+def cost_limit(run: TrainConfig) -> float:
+    """The run's cost limit, or the env family's default, or 25 per episode."""
+    if run.cost_limit is not None:
+        return float(run.cost_limit)
+    fam, _, _ = resolve(run.env)
+    return float(fam.default_cost_limit if fam.default_cost_limit is not None else DEFAULT_COST_LIMIT)
+
+
+def env_seed(seed: int, iteration: int) -> int:
+    """Seed for the training envs' reset at ``iteration`` (0 at the start, then each checkpoint)."""
+    return (seed * 1_000_003 + iteration * 9_973) % (2**31 - 1)
+
+
+def default_run_dir(run: TrainConfig) -> Path:
+    task = run.env.split("?")[0].replace("/", "_").replace("|", "_")
+    return Path("runs") / f"{run.algo}-{task}-s{run.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ---------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(algo: Algorithm, env: BatchedEnv, episodes: int, seed: int, deterministic: bool = True,
+             limit: float | None = None, max_steps: int = 100_000) -> dict[str, float]:
+    """Play ``episodes`` whole episodes; report team return, length, cost, coordination.
+
+    Coordination rho is the mean Pearson correlation over agent pairs of the per-step log-probability
+    of the action taken (``specs/progressive.md``), over all evaluation steps.
+    """
+    obs = env.reset(seed=seed)
+    finished: list[Any] = []
+    logps: list[torch.Tensor] = []
+    steps = 0
+    while len(finished) < episodes and steps < max_steps:
+        out = algo.act(obs, explore=not deterministic)
+        if "logp" in out.extras:
+            logps.append(out.extras["logp"].reshape(-1, env.spec.n_agents).cpu())
+        st = env.step(out.env_action)
+        finished.extend(st.episodes)
+        obs = st.next
+        steps += 1
+    finished = finished[:episodes]
+    if not finished:
+        return {}
+    rets = np.array([e.team_return for e in finished])
+    res = {
+        "eval/return_mean": float(rets.mean()),
+        "eval/return_std": float(rets.std()),
+        "eval/length_mean": float(np.mean([e.length for e in finished])),
+        "eval/episodes": float(len(finished)),
+    }
+    if env.spec.has_cost:
+        costs = np.array([e.cost for e in finished])
+        res["eval/cost_mean"] = float(costs.mean())
+        if limit is not None:
+            res["eval/constraint_sat"] = float((costs <= limit).mean())
+    if logps and env.spec.n_agents > 1:
+        from pamarl.metrics import coordination
+
+        res["eval/coordination"] = float(coordination(torch.cat(logps).numpy()))
+    return res
+
+
+# ---------------------------------------------------------------------- training
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _write_config(run_dir: Path, run: TrainConfig, algo_cfg: Any, spec: EnvSpec) -> None:
+    doc = {
+        "run": to_dict(run),
+        "algo": to_dict(algo_cfg),
+        "env_spec": {
+            "agents": list(spec.agent_ids),
+            "obs_dims": list(spec.obs_dims),
+            "state_dim": spec.state_dim,
+            "action_kind": spec.action_kind,
+            "action_dims": list(spec.action_dims),
+            "has_cost": spec.has_cost,
+        },
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, Any]:
+    """Rebuild the configs saved in ``run_dir/config.yaml``."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UsageError(f"{str(run_dir)!r} is not a pamarl run directory (no config.yaml)")
+    doc = yaml.safe_load(path.read_text())
+    run = build(TrainConfig, doc["run"], "run")
+    algo_cls = get_algorithm(run.algo)
+    return run, build(algo_cls.Config, doc["algo"], algo_cls.name)
+
+
+def make_algorithm(run: TrainConfig, algo_cfg: Any, spec: EnvSpec) -> Algorithm:
+    algo_cls = get_algorithm(run.algo)
+    return algo_cls(spec, algo_cfg, run, torch.device(run.device))
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": random.getstate()}
+
+
+def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoint: str | None = None,
+          quiet: bool = False) -> TrainResult:
+    """Train ``run.algo`` on ``run.env``; resume from ``run_dir/checkpoints/latest.pt`` with ``resume``."""
+    if algo_cfg is None:
+        algo_cfg = get_algorithm(run.algo).Config()
+    torch.set_num_threads(max(1, run.torch_threads))
+    _seed_everything(run.seed)
+    run_dir = Path(run.run_dir) if run.run_dir else default_run_dir(run)
+    if not resume and (run_dir / "checkpoints" / "latest.pt").exists():
+        raise UsageError(
+            f"run directory {str(run_dir)!r} already holds a run; resume it with `pamarl train --resume "
+            f"{run_dir}` or choose another --run-dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = dataclasses.replace(run, run_dir=str(run_dir))
+    ckpt_dir = run_dir / "checkpoints"
+
+    state = None
+    if resume:
+        state = load_checkpoint(checkpoint or ckpt_dir / "latest.pt")
+
+    env = make_env(run.env, num_envs=run.num_envs, workers=run.env_workers, seed=run.seed, device=run.device)
+    eval_env = make_env(run.env, num_envs=min(run.eval_episodes, 8) or 1, workers=0, seed=run.seed + 99_991,
+                        device=run.device)
+    try:
+        spec = env.spec
+        algo = make_algorithm(run, algo_cfg, spec)
+        limit = cost_limit(run) if spec.has_cost else None
+        if hasattr(algo, "set_cost_limit") and limit is not None:
+            algo.set_cost_limit(limit)
+        _write_config(run_dir, run, algo_cfg, spec)
+        per_iter = run.num_envs * run.rollout_len
+        total_iters = max(1, math.ceil(run.steps / per_iter))
+        it0, env_steps, wall0 = 0, 0, 0.0
+        if state is not None:
+            try:
+                algo.load_state_dict(state["algo"])
+            except (KeyError, RuntimeError, ValueError) as e:
+                raise CheckpointError(f"checkpoint does not match this run's algorithm/env: {e}") from e
+            it0, env_steps, wall0 = int(state["iteration"]), int(state["env_steps"]), float(state["wall_s"])
+            torch.set_rng_state(state["rng"]["torch"])
+            np_state = np.random.get_state()
+            np.random.set_state((np_state[0], np.array(state["rng"]["numpy"], dtype=np.uint32), *np_state[2:]))
+            py = state["rng"]["python"]
+            random.setstate((py[0], tuple(py[1]), py[2]))
+        logger = MetricsLogger(run_dir, run.tensorboard, resume_iteration=it0 if state is not None else None)
+        return _loop(run, algo, env, eval_env, logger, run_dir, ckpt_dir, it0, total_iters, env_steps, wall0,
+                     limit, quiet)
+    finally:
+        env.close()
+        eval_env.close()
+
+
+def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedEnv, logger: MetricsLogger,
+          run_dir: Path, ckpt_dir: Path, it0: int, total_iters: int, env_steps: int, wall0: float,
+          limit: float | None, quiet: bool) -> TrainResult:
+    from tqdm import tqdm
+
+    per_iter = run.num_envs * run.rollout_len
+    bar = tqdm(total=total_iters * per_iter, initial=env_steps, unit="step", unit_scale=True,
+               disable=quiet or not run.progress, dynamic_ncols=True, desc=f"{run.algo} {run.env}")
+    first_ret = last_ret = None
+    for r in logger.rows:
+        v = r.get("train/return_mean")
+        if v not in (None, ""):
+            first_ret = float(v) if first_ret is None else first_ret
+            last_ret = float(v)
+    final_eval: dict[str, float] = {}
+    t_start = time.perf_counter() - wall0
+    obs = env.reset(seed=env_seed(run.seed, it0))
+    try:
+        for it in range(it0, total_iters):
+            episodes = []
+            for _ in range(run.rollout_len):
+                out = algo.act(obs, explore=True)
+                st = env.step(out.env_action)
+                algo.observe(obs, out, st)
+                episodes.extend(st.episodes)
+                obs = st.next
+            env_steps += per_iter
+            metrics = algo.update(Progress(iteration=it, total_iterations=total_iters, env_steps=env_steps))
+            row: dict[str, Any] = {"iteration": it + 1, "env_steps": env_steps,
+                                   "wall_s": round(time.perf_counter() - t_start, 3)}
+            if episodes:
+                rets = [e.team_return for e in episodes]
+                row["train/return_mean"] = float(np.mean(rets))
+                row["train/length_mean"] = float(np.mean([e.length for e in episodes]))
+                row["train/episodes"] = len(episodes)
+                if env.spec.has_cost:
+                    row["cost/episode_mean"] = float(np.mean([e.cost for e in episodes]))
+                first_ret = row["train/return_mean"] if first_ret is None else first_ret
+                last_ret = row["train/return_mean"]
+            row.update(metrics)
+            last = it + 1 == total_iters
+            if last or (run.eval_every > 0 and (it + 1) % run.eval_every == 0):
+                final_eval = evaluate(algo, eval_env, run.eval_episodes, seed=env_seed(run.seed + 1, it + 1),
+                                      deterministic=run.eval_deterministic, limit=limit)
+                row.update(final_eval)
+            logger.log(row)
+            if last or (run.checkpoint_every > 0 and (it + 1) % run.checkpoint_every == 0):
+                payload = {
+                    "iteration": it + 1,
+                    "env_steps": env_steps,
+                    "wall_s": time.perf_counter() - t_start,
+                    "algo": algo.state_dict(),
+                    "rng": _rng_state(),
+                }
+                save_checkpoint(ckpt_dir / "latest.pt", payload)
+                if run.keep_checkpoints:
+                    save_checkpoint(ckpt_dir / f"it{it + 1:06d}.pt", payload)
+                if last:
+                    save_checkpoint(ckpt_dir / "final.pt", payload)
+                else:
+                    obs = env.reset(seed=env_seed(run.seed, it + 1))
+                    algo.reset_rollout()
+            bar.update(per_iter)
+            post = {}
+            if last_ret is not None:
+                post["ret"] = f"{last_ret:.2f}"
+            if "eval/return_mean" in row:
+                post["eval"] = f"{row['eval/return_mean']:.2f}"
+            bar.set_postfix(post, refresh=False)
+    finally:
+        bar.close()
+        logger.close()
+    wall = time.perf_counter() - t_start
+    result = TrainResult(run_dir=run_dir, iterations=total_iters, env_steps=env_steps, wall_s=wall,
+                         first_return=first_ret, last_return=last_ret, final_eval=final_eval)
+    summary = {
+        "algo": run.algo, "env": run.env, "seed": run.seed, "env_steps": env_steps, "iterations": total_iters,
+        "wall_s": round(wall, 2), "env_steps_per_s": round(result.steps_per_s, 1),
+        "train_return_first": first_ret, "train_return_last": last_ret, **final_eval,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return result
