@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
+from pamarl.envs.base import EnvObs, EnvStep
 from pamarl.envs.pettingzoo import PettingZooEnv, random_policy
 from pamarl.envs.registry import EnvFamily, register_family
 from pamarl.errors import UsageError
@@ -59,8 +60,63 @@ def flee_policy(agent: str, obs: Any, space: spaces.Space, rng: np.random.Genera
     return 3 if rel[1] > 0 else 4
 
 
-def make_mpe(task: str, seed: int | None = None, continuous: bool = False, prey: str = "flee", **kw: Any) -> PettingZooEnv:
-    """One copy of an mpe2 task as a :class:`PettingZooEnv`."""
+class MPEEnv(PettingZooEnv):
+    """An mpe2 task stepped through its world directly (the fast path).
+
+    PettingZoo's parallel API for MPE goes through the AEC-to-parallel conversion and its wrappers,
+    which cost about as much as the physics; and ``state()`` recomputes every observation. This class
+    drives the same ``mpe2`` world the same way -- every agent's action set, one
+    ``_execute_world_step``, the step counter and the time limit as ``SimpleEnv.step`` does -- and
+    builds the state from the observations already computed (``SimpleEnv.state`` is exactly their
+    concatenation). ``tests/test_envs.py`` checks that it matches the parallel API step for step.
+    """
+
+    def __init__(self, env: Any, **kw: Any):
+        super().__init__(env, **kw)
+        self.raw = self.env.unwrapped
+        self._order = list(self.raw.possible_agents)
+        self._team_index = {a: i for i, a in enumerate(self.team)}
+
+    def _observe_all(self) -> dict[str, np.ndarray]:
+        return {a: self.raw.observe(a) for a in self._order}
+
+    def _pack_fast(self, obs: dict[str, np.ndarray]) -> EnvObs:
+        packed = self._pack_agents(obs)
+        packed.state = np.concatenate([obs[a] for a in self._order])
+        return packed
+
+    def reset(self, seed: int | None = None) -> EnvObs:
+        if seed is not None:
+            self._rng = np.random.default_rng(seed + 7919)
+        self.raw.reset(seed=seed)
+        self._active = np.ones(len(self.team), bool)
+        self._last_obs = self._observe_all()
+        return self._pack_fast(self._last_obs)
+
+    def step(self, actions: np.ndarray) -> EnvStep:
+        raw = self.raw
+        for a in self._order:
+            i = self._team_index.get(a)
+            if i is not None:
+                act = self._decode(i, actions[i])
+            else:
+                act = self.other_policy(a, self._last_obs.get(a), raw.action_space(a), self._rng)
+            raw.current_actions[raw._index_map[a]] = act
+        raw._execute_world_step()
+        raw.steps += 1
+        truncated = raw.steps >= raw.max_cycles
+        terminated = (not truncated) and bool(raw.scenario.is_terminal(raw.world))
+        obs = self._observe_all()
+        self._last_obs = obs
+        packed = self._pack_fast(obs)
+        reward = np.array([raw.rewards[a] for a in self.team], np.float32)
+        return EnvStep(obs=packed.obs, state=packed.state, action_mask=packed.action_mask, active=packed.active,
+                       reward=reward, cost=None, terminated=terminated, truncated=bool(truncated))
+
+
+def make_mpe(task: str, seed: int | None = None, continuous: bool = False, prey: str = "flee", fast: bool = True,
+             **kw: Any) -> PettingZooEnv:
+    """One copy of an mpe2 task; ``fast=False`` goes through PettingZoo's parallel API instead."""
     try:
         mod = importlib.import_module(f"mpe2.{task}")
     except ModuleNotFoundError as e:
@@ -76,7 +132,8 @@ def make_mpe(task: str, seed: int | None = None, continuous: bool = False, prey:
         raise UsageError(f"mpe/{task}: prey must be 'flee' or 'random', got {prey!r}")
     other = flee_policy if (task == "simple_tag_v3" and prey == "flee") else random_policy
     team_reward = _TEAM_REWARD.get(task, False)
-    return PettingZooEnv(
+    cls = MPEEnv if fast else PettingZooEnv
+    return cls(
         env,
         agents=team,
         other_policy=other,

@@ -136,10 +136,29 @@ class PettingZooEnv(MultiAgentEnv):
             team_reward=team_reward,
         )
         self._active = np.ones(len(self.team), bool)
+        self._simple = (
+            not self._has_mask
+            and all(isinstance(sp, spaces.Box) for sp in self.obs_spaces)
+            and len(set(obs_dims)) == 1
+            and len(set(act_dims)) == 1
+        )
+        self._full_mask = np.ones((len(self.team), self._act_dim), bool)
 
     # ------------------------------------------------------------------ helpers
     def _pack(self, obs: dict[str, Any]) -> EnvObs:
+        packed = self._pack_agents(obs)
+        if self._state_mode == "env":
+            packed.state = np.asarray(self.env.state(), np.float32).reshape(-1)
+        return packed
+
+    def _pack_agents(self, obs: dict[str, Any]) -> EnvObs:
+        """Padded observations and masks; the state is the concatenation of the observations."""
         n = len(self.team)
+        if self._simple and self._active.all():
+            # Common case (Box observations of equal width, no masks, nobody left): no per-agent loop.
+            o = np.stack([np.asarray(obs[a], np.float32).reshape(-1) for a in self.team])
+            return EnvObs(obs=o, state=o.reshape(-1), action_mask=self._full_mask.copy(),
+                          active=self._active.copy())
         o = np.zeros((n, self._obs_dim), np.float32)
         mask = np.zeros((n, self._act_dim), bool)
         for i, a in enumerate(self.team):
@@ -157,10 +176,7 @@ class PettingZooEnv(MultiAgentEnv):
                     mask[i, 0] = True
             else:
                 mask[i, : self.spec.action_dims[i]] = True
-        if self._state_mode == "env":
-            state = np.asarray(self.env.state(), np.float32).reshape(-1)
-        else:
-            state = (o * self._active[:, None]).reshape(-1)
+        state = (o * self._active[:, None]).reshape(-1)
         return EnvObs(obs=o, state=state, action_mask=mask, active=self._active.copy())
 
     def _decode(self, i: int, action: np.ndarray) -> Any:
@@ -193,6 +209,8 @@ class PettingZooEnv(MultiAgentEnv):
         self._last_obs = obs
         reward = np.array([float(rew.get(a, 0.0)) for a in self.team], np.float32)
         reward *= self._active  # an agent that already left earns nothing
+        # Pack before marking leavers inactive: an agent's last observation is real (truncation bootstraps on it).
+        packed = self._pack(obs)
         any_trunc = False
         any_term = False
         for i, a in enumerate(self.team):
@@ -203,7 +221,7 @@ class PettingZooEnv(MultiAgentEnv):
                 any_term |= bool(term.get(a, False))
                 any_trunc |= bool(trunc.get(a, False))
         done = not self._active.any() or not self.env.agents
-        packed = self._pack(obs)
+        packed.active = self._active.copy()
         terminated = bool(done and not (any_trunc and not any_term))
         truncated = bool(done and not terminated)
         if done:

@@ -64,10 +64,34 @@ class AgentMLP(nn.Module):
         n_nets = 1 if shared else n_agents
         self.nets = nn.ModuleList(_MLP(real_in, hidden, out_dim, out_gain, gain) for _ in range(n_nets))
         self.n_layers = len(hidden) + 1
+        self._cache: dict[tuple[int, ...], tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def agent_parameters(self, i: int) -> list[nn.Parameter]:
         """Parameters that agent ``i``'s output depends on (all of them when shared)."""
         return list(self.nets[0 if self.shared else i].parameters())
+
+    def _stacks(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer stacked weights of the agents ``idx``.
+
+        Without autograd (acting, every env step) the stacks are cached and rebuilt only when a
+        parameter changed (its in-place version counter moved), which saves the copies per step.
+        """
+        def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return [
+                (torch.stack([self.nets[i].layers[j].weight for i in idx]).transpose(1, 2),
+                 torch.stack([self.nets[i].layers[j].bias for i in idx]).unsqueeze(1))
+                for j in range(self.n_layers)
+            ]
+
+        if torch.is_grad_enabled():
+            return build()
+        key = tuple(idx)
+        version = tuple(p._version for p in self.parameters())
+        cached = self._cache.get(key)
+        if cached is None or cached[0] != version:
+            cached = (version, [(w.contiguous(), b.contiguous()) for w, b in build()])
+            self._cache[key] = cached
+        return cached[1]
 
     def forward(self, x: torch.Tensor, agents: Sequence[int] | None = None) -> torch.Tensor:
         """``x``: ``[..., k, in]`` for the ``k`` agents in ``agents`` (default: all) -> ``[..., k, out]``."""
@@ -95,10 +119,10 @@ class AgentMLP(nn.Module):
                 if j < self.n_layers - 1:
                     h = self.act(h)
         else:
+            stacks = self._stacks(idx)
             for j in range(self.n_layers):
-                w = torch.stack([self.nets[i].layers[j].weight for i in idx])  # [k, out, in]
-                b = torch.stack([self.nets[i].layers[j].bias for i in idx])  # [k, out]
-                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+                w, b = stacks[j]  # [k, in, out], [k, 1, out]
+                h = torch.baddbmm(b, h, w)
                 if j < self.n_layers - 1:
                     h = self.act(h)
         return h.transpose(0, 1).reshape(*lead, k, h.shape[-1])
