@@ -8,8 +8,8 @@ Two env families, both needing the ``mujoco`` extra (``pip install 'pamarl[mujoc
 Env ids
 -------
 ``<Scenario>`` is a MaMuJoCo scenario (``HalfCheetah``, ``Ant``, ``Walker2d``, ``Hopper``,
-``Humanoid``, ``HumanoidStandup``, ``Swimmer``, ``Reacher``, ``Pusher``, ``ManySegmentSwimmer``,
-``ManySegmentAnt``, ``CoupledHalfCheetah``, ...) and ``<conf>`` its agent partition spelt as MaMuJoCo
+``Humanoid``, ``HumanoidStandup``, ``Swimmer``, ``Reacher``, ``ManySegmentSwimmer``, ``ManySegmentAnt``,
+...) and ``<conf>`` its agent partition spelt as MaMuJoCo
 spells it: ``<agents>x<joints per agent>`` (``HalfCheetah-2x3``, ``HalfCheetah-6x1``, ``Ant-2x4``,
 ``Ant-4x2``, ``Walker2d-2x3``, ``Hopper-3x1``), ``9|8`` for Humanoid (upper body 9 joints, lower body
 8: ``Humanoid-9|8``), ``2x4d`` for Ant's diagonal split, and ``<agents>x<segments per agent>`` for the
@@ -56,7 +56,7 @@ does for Swimmer.
 The cost limit (the budget on the undiscounted episode cost) belongs to the constrained algorithm;
 :data:`DEFAULT_COST_LIMIT` = 25 per 1000-step episode is the value of Safety-Gymnasium's velocity
 benchmarks: at most 2.5 % of the steps may be spent above the speed threshold. Scale it with the
-episode length (``DEFAULT_COST_LIMIT * episode_limit / 1000``) when changing the time limit.
+episode length (:func:`scaled_cost_limit`) when changing the time limit.
 
 Rendering
 ---------
@@ -105,6 +105,12 @@ DEFAULT_COST_LIMIT = 25.0
 """Default budget on the undiscounted episode cost for a 1000-step episode (Safety-Gymnasium's
 velocity benchmarks): at most 25 steps per episode above the speed threshold."""
 
+
+def scaled_cost_limit(episode_limit: int = DEFAULT_EPISODE_LIMIT) -> float:
+    """:data:`DEFAULT_COST_LIMIT` for another episode length: the same 2.5 % of the steps."""
+    return DEFAULT_COST_LIMIT * episode_limit / DEFAULT_EPISODE_LIMIT
+
+
 VELOCITY_THRESHOLDS: dict[str, float] = {
     "HalfCheetah-2x3": 3.227,
     "HalfCheetah-6x1": 2.932,
@@ -150,11 +156,24 @@ TASKS = {
     "Reacher-2x1": "2 agents, one joint each",
     "ManySegmentSwimmer-10x2": "scalable swimmer: <agents>x<segments per agent>, e.g. 10x2",
     "ManySegmentAnt-2x3": "scalable ant: <agents>x<segments per agent>, e.g. 2x3",
-    "CoupledHalfCheetah-1p1": "two half-cheetahs joined by a tendon, one agent each",
 }
-"""Tasks listed by ``pamarl list``; any other ``<Scenario>-<conf>`` MaMuJoCo accepts works too."""
+"""Tasks listed by ``pamarl list``; any other ``<Scenario>-<conf>`` MaMuJoCo accepts works too.
+
+``CoupledHalfCheetah-1p1`` is left out: gymnasium-robotics 1.4.2 fails to build it with mujoco 4.0
+(its tendon observation indexes ``data.ten_J`` as a dense matrix)."""
 
 _SIGNED_X_SPEED = {"Swimmer", "ManySegmentSwimmer"}  # Safety-Gymnasium: swimmers use the forward velocity
+# Scenarios whose Gymnasium step info reports the robot's velocity (the others have no locomotion).
+_LOCOMOTION = {
+    "Ant",
+    "HalfCheetah",
+    "Hopper",
+    "Humanoid",
+    "Swimmer",
+    "Walker2d",
+    "ManySegmentSwimmer",
+    "ManySegmentAnt",
+}
 
 
 # --------------------------------------------------------------------------------------- safety cost
@@ -198,7 +217,7 @@ class VelocityCostWrapper(BaseParallelWrapper):
     def step(self, actions: dict[str, Any]) -> Any:
         obs, rew, term, trunc, infos = self.env.step(actions)
         # MaMuJoCo hands every agent the same Gymnasium info dict; read it once.
-        info = next(iter(infos.values()), {})
+        info: Mapping[str, Any] = next(iter(infos.values()), {})
         self.last_speed = velocity_speed(info, self.signed_x)
         self.last_cost = velocity_cost(self.last_speed, self.threshold)
         infos = {a: {**i, "cost": self.last_cost, "speed": self.last_speed} for a, i in infos.items()}
@@ -303,6 +322,10 @@ def make_parallel_env(
     if isinstance(episode_limit, bool) or not isinstance(episode_limit, int) or episode_limit < 1:
         raise UsageError(f"{family}/{task}: episode_limit must be an integer >= 1, got {episode_limit!r}")
     threshold: float | None = None
+    if safe and scenario not in _LOCOMOTION:
+        raise UsageError(
+            f"safe-mamujoco/{task}: the velocity cost needs a locomotion robot ({', '.join(sorted(_LOCOMOTION))})"
+        )
     if safe:
         threshold = VELOCITY_THRESHOLDS.get(task) if velocity_threshold is None else float(velocity_threshold)
         if threshold is None:
@@ -380,6 +403,7 @@ class MaMuJoCoEnv(PettingZooEnv):
             **gym_kwargs,
         )
         self.task = task
+        self._render_checked = False
         self._cost_env = penv if isinstance(penv, VelocityCostWrapper) else None
         self._raw: MultiAgentMujocoEnv = penv.env if isinstance(penv, VelocityCostWrapper) else penv
         super().__init__(penv, state=state, episode_limit=episode_limit, team_reward=True, seed=seed)
@@ -408,12 +432,13 @@ class MaMuJoCoEnv(PettingZooEnv):
         Raises:
             RenderUnavailable: no OpenGL backend can be used; the message says what to install.
         """
-        backend, reason = find_gl_backend()
-        if backend is None:
-            raise RenderUnavailable(reason)
-        # Gymnasium's renderer reads MUJOCO_GL when it builds its context; left unset, it would try
-        # glfw first, which fails without a display. Only fill it in when the user chose nothing.
-        os.environ.setdefault("MUJOCO_GL", backend)
+        if not self._render_checked:  # once: the library lookups spawn ldconfig
+            backend, reason = find_gl_backend()
+            if backend is None:
+                raise RenderUnavailable(reason)
+            # Gymnasium's renderer reads MUJOCO_GL when it builds its context; left unset, it would try
+            # glfw first, which fails without a display. Only fill it in when the user chose nothing.
+            os.environ.setdefault("MUJOCO_GL", backend)
         try:
             frame = self.mujoco_env.mujoco_renderer.render("rgb_array")
         except Exception as e:
@@ -421,6 +446,7 @@ class MaMuJoCoEnv(PettingZooEnv):
                 f"MuJoCo offscreen rendering failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')}: "
                 f"{type(e).__name__}: {e}. If the backend is missing: {_GL_HINT}"
             ) from e
+        self._render_checked = True
         return np.asarray(frame, np.uint8)
 
 
@@ -455,5 +481,6 @@ register_family(
         open_tasks=True,
         make_single=make_safe_mamujoco,
         extra="mujoco",
+        default_cost_limit=DEFAULT_COST_LIMIT,
     )
 )
