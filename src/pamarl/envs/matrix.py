@@ -8,7 +8,7 @@ which is what the homogeneity trap is about) followed by the normalised round in
   for the joint actions 0^{N/2} 1^{N/2} and 1^{N/2} 0^{N/2}, else 0. Agents sharing one policy
   reach at most 2 / 2^N in expectation.
 * ``climbing`` -- Claus & Boutilier's climbing game, optimum 11 at (0, 0).
-* ``penalty?k=-100`` -- the penalty game, optima 10 at (0, 2) and (2, 0).
+* ``penalty?k=-100`` -- the penalty game (Claus & Boutilier), optima 10 at (0, 0) and (2, 2), k at (0, 2) and (2, 0).
 
 The payoff is divided by ``scale`` (default: the largest absolute payoff) so rewards lie in [-1, 1].
 """
@@ -138,7 +138,7 @@ register_family(
         tasks={
             "homogeneity_trap": "HARL Prop. 4: n agents, reward 1 for 0^{n/2}1^{n/2} or 1^{n/2}0^{n/2}",
             "climbing": "climbing game (optimum 11 at (0,0), scaled by 30)",
-            "penalty": "penalty game with k=-100 (optima 10 at (0,2),(2,0), scaled by |k|)",
+            "penalty": "penalty game, k=-100 by default (optima 10 at (0,0) and (2,2); scaled by the largest |payoff|)",
         },
         make_batched=make_matrix,
     )
