@@ -144,7 +144,7 @@ SCENARIOS = (
 TASKS = {
     "HalfCheetah-2x3": "2 agents: back leg / front leg, 3 joints each",
     "HalfCheetah-6x1": "6 agents, one joint each",
-    "Ant-2x4": "2 agents: left legs / right legs, 4 joints each",
+    "Ant-2x4": "2 agents: front legs / back legs, 4 joints each",
     "Ant-2x4d": "2 agents: diagonal leg pairs",
     "Ant-4x2": "4 agents, one leg (2 joints) each",
     "Ant-8x1": "8 agents, one joint each",
