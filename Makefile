@@ -10,11 +10,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned to the CPU wheel, so no later step can pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,mujoco]"
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/pamarl train --run-dir runs/quickstart
+	$(BIN)/pamarl train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

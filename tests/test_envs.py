@@ -63,7 +63,7 @@ def test_episode_bookkeeping_truncation_and_team_return():
     env = make_env("mpe/simple_spread_v3", num_envs=3, seed=0)
     env.reset(seed=0)
     total = torch.zeros(3)
-    for t in range(25):
+    for _t in range(25):
         st = env.step(torch.zeros(3, 3, dtype=torch.long))
         total += st.reward.sum(-1)
     assert st.truncated.all() and not st.terminated.any()

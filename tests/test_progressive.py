@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import quick_run
+
 from pamarl.algos.base import Progress
 from pamarl.algos.registry import get_algorithm
 from pamarl.algos.schedules import alpha_schedule, critical_count, progressive, sequential
@@ -130,7 +130,8 @@ def test_logs_schedule_keys(tmp_path):
     res = train(quick_run(tmp_path, algo="progressive", steps=3200, num_envs=4, rollout_len=100))
     import csv
 
-    rows = list(csv.DictReader(open(res.run_dir / "metrics.csv")))
+    with open(res.run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     keys = rows[0].keys()
     for k in ("sched/alpha", "sched/k", "sched/critical", "sched/importance_0", "sched/factor_mean",
               "sched/factor_std", "sched/factor_min", "sched/factor_max", "cost/lambda", "loss/policy_0",

@@ -7,8 +7,8 @@ import csv
 import numpy as np
 import pytest
 import torch
-
 from conftest import quick_run
+
 from pamarl.algos.registry import get_algorithm
 from pamarl.envs.registry import make_env
 from pamarl.runner import train

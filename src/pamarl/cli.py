@@ -49,7 +49,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"  train team return: first iteration {first} -> last iteration {last}")
     if result.final_eval:
         ev = result.final_eval
-        line = f"  eval return: {ev['eval/return_mean']:.3f} +- {ev['eval/return_std']:.3f} over {int(ev['eval/episodes'])} episodes"
+        line = (f"  eval return: {ev['eval/return_mean']:.3f} +- {ev['eval/return_std']:.3f} "
+                f"over {int(ev['eval/episodes'])} episodes")
         if "eval/cost_mean" in ev:
             line += f"; cost {ev['eval/cost_mean']:.2f}"
         print(line)
@@ -169,10 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_DELEGATED = {"bench": "pamarl.bench", "compare": "pamarl.compare", "plot": "pamarl.plot"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        if argv and argv[0] in _DELEGATED:  # these parse their own options
+            return int(_delegate(_DELEGATED[argv[0]])(argv[1:]) or 0)
+        args = parser.parse_args(argv)
         return int(args.fn(args) or 0)
     except UsageError as e:
         print(f"pamarl: error: {e}", file=sys.stderr)

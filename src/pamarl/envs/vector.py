@@ -7,6 +7,7 @@ subprocess worker never imports torch). With ``workers=0`` one group runs in thi
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -245,7 +246,5 @@ class VectorEnv(BatchedEnv):
                 p.terminate()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass

@@ -1,0 +1,95 @@
+"""``pamarl bench``: training throughput next to the raw env speed, and peak memory.
+
+Throughput is env steps per second (one step of E copies counts E). The raw figure steps the same
+E copies with random actions and no learning, so the cost of learning is the gap between the two.
+Peak memory is the maximum resident set size of this process plus that of its largest finished child
+(env workers), from ``getrusage``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def raw_env_speed(env_id: str, num_envs: int, workers: int, steps: int, seed: int = 0) -> float:
+    from pamarl.envs.registry import make_env
+
+    env = make_env(env_id, num_envs=num_envs, workers=workers, seed=seed)
+    spec = env.spec
+    g = torch.Generator().manual_seed(seed)
+    obs = env.reset(seed=seed)
+    n_iter = max(1, steps // num_envs)
+    t0 = time.perf_counter()
+    for _ in range(n_iter):
+        if spec.discrete:
+            probs = obs.action_mask.float().reshape(-1, spec.act_dim)
+            a = torch.multinomial(probs, 1, generator=g).reshape(num_envs, spec.n_agents)
+        else:
+            low, high = (torch.as_tensor(x) for x in spec.padded_bounds())
+            a = low + torch.rand(num_envs, spec.n_agents, spec.act_dim, generator=g) * (high - low)
+        obs = env.step(a).next
+    dt = time.perf_counter() - t0
+    env.close()
+    return n_iter * num_envs / dt
+
+
+def peak_memory_mb() -> dict[str, float]:
+    me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"main_mb": round(me, 1), "largest_child_mb": round(kids, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pamarl bench", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--algo", default="mappo")
+    p.add_argument("--env", default="mpe/simple_spread_v3")
+    p.add_argument("--steps", type=int, default=48_000, help="training env steps to time")
+    p.add_argument("--num-envs", type=int, default=8)
+    p.add_argument("--rollout-len", type=int, default=200)
+    p.add_argument("--workers", type=int, default=0, help="env subprocesses (0: in-process)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="algorithm config keys")
+    args = p.parse_args(argv)
+
+    from pamarl.config import parse_overrides
+    from pamarl.runner import build_configs, train
+
+    torch.set_num_threads(args.threads)
+    raw = raw_env_speed(args.env, args.num_envs, args.workers, min(args.steps, 16_000))
+    with tempfile.TemporaryDirectory() as d:
+        values = {"algo": args.algo, "env": args.env, "steps": args.steps, "num_envs": args.num_envs,
+                  "rollout_len": args.rollout_len, "env_workers": args.workers, "torch_threads": args.threads,
+                  "eval_every": 0, "eval_episodes": 1, "checkpoint_every": 0, "tensorboard": False,
+                  "progress": False, "run_dir": f"{d}/run", **parse_overrides(args.overrides)}
+        run, algo_cfg = build_configs(values)
+        res = train(run, algo_cfg, quiet=True)
+    mem = peak_memory_mb()
+    out = {
+        "algo": args.algo, "env": args.env, "num_envs": args.num_envs, "rollout_len": args.rollout_len,
+        "workers": args.workers, "threads": args.threads, "train_env_steps": res.env_steps,
+        "train_steps_per_s": round(res.steps_per_s, 1), "raw_env_steps_per_s": round(raw, 1),
+        "learning_overhead": round(1 - res.steps_per_s / raw, 3), **mem,
+        "config": {"epochs": algo_cfg.epochs, "minibatches": algo_cfg.minibatches, "hidden": list(algo_cfg.hidden)}
+        if hasattr(algo_cfg, "epochs") else {},
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"pamarl bench: {args.algo} on {args.env}, {args.num_envs} envs x {args.rollout_len} steps, "
+              f"workers={args.workers}, threads={args.threads} {out['config']}")
+        print(f"  training : {out['train_steps_per_s']:>9,.0f} env steps/s ({res.env_steps:,} steps)")
+        print(f"  raw env  : {out['raw_env_steps_per_s']:>9,.0f} env steps/s (random actions, no learning)")
+        print(f"  peak RSS : {mem['main_mb']:,.0f} MB main process, {mem['largest_child_mb']:,.0f} MB largest child")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
