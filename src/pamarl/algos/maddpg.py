@@ -1,0 +1,105 @@
+"""MADDPG: deterministic actors with one centralised critic per agent.
+
+Lowe et al. 2017, "Multi-Agent Actor-Critic for Mixed Cooperative-Competitive Environments".
+Agent ``i`` has a deterministic policy ``mu_i(o_i)`` and a critic ``Q_i(x, a_1, ..., a_N)`` over the
+global state ``x`` (or all observations, ``critic_input=obs``) and the joint action:
+
+* critic (their eq. 6): ``L(phi_i) = E[(Q_i(x, a) - y_i)^2]``,
+  ``y_i = r_i + gamma * (1 - d) * Q_i^-(x', mu_1^-(o_1'), ..., mu_N^-(o_N'))``;
+* actor (their eq. 5): ``max E[Q_i(x, a_1, ..., mu_i(o_i), ..., a_N)]`` with the other agents' actions
+  taken from the replay.
+
+Discrete actions use the Gumbel-softmax relaxation (their section 4.2; Jang et al. 2017): the actor's
+action in the critic is a straight-through one-hot sample of ``softmax((logits + g) / gumbel_tau)``,
+behaviour samples the same distribution, target actions are the target actor's greedy one-hot, and
+evaluation is greedy. A small penalty on the squared pre-activations (as in the authors' code) keeps the
+logits, and the tanh of continuous actors, out of saturation. Continuous actors output ``tanh`` in
+[-1, 1], mapped into the env's bounds, with Gaussian exploration noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pamarl.algos.offpolicy import ActorCriticAlgorithm, ActorCriticConfig, td_target
+from pamarl.algos.registry import register
+from pamarl.buffers.replay import TransitionBatch
+from pamarl.errors import UsageError
+from pamarl.nets.qnets import gumbel_softmax, masked_logits
+
+
+@dataclass
+class MADDPGConfig(ActorCriticConfig):
+    """MADDPG's hyperparameters."""
+
+    gumbel_tau: float = 1.0
+    """Temperature of the Gumbel-softmax relaxation (discrete actions)."""
+    actor_reg: float = 1e-3
+    """Weight of the penalty on the actors' squared pre-activations."""
+    share_critic: bool = False
+    """With share_params, also share one critic (with an agent id) among the agents."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.gumbel_tau <= 0:
+            raise UsageError(f"gumbel_tau must be > 0, got {self.gumbel_tau}")
+
+
+@register
+class MADDPG(ActorCriticAlgorithm):
+    """Per-agent centralised critics, all actors updated together from replayed joint actions."""
+
+    name = "maddpg"
+    Config = MADDPGConfig
+    paper = "Lowe et al. 2017, Multi-Agent Actor-Critic for Mixed Cooperative-Competitive Environments"
+    cfg: MADDPGConfig
+
+    def n_critics(self) -> int:
+        return self.n
+
+    def critic_shared(self) -> bool:
+        return self.cfg.share_params and self.cfg.share_critic
+
+    def train_step(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            a_next = self.target_actions(batch.next_obs, batch.next_action_mask, batch.next_active)
+            q_next = self.q_values(self.target_critic, self.critic_x(batch.next_state, batch.next_obs), a_next)
+            y = td_target(batch.reward, batch.terminated, q_next, self.cfg.gamma)  # per-agent rewards r_i
+        metrics = self.critic_update(batch, y, weight=batch.active.float())
+        metrics.update(self.actor_update(batch))
+        return metrics
+
+    def actor_update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        """Every actor ascends its own critic at once (eq. 5), in one batched pass."""
+        cfg = self.cfg
+        active = batch.active.float()
+        pre = self.actor(batch.obs)  # [B, N, A]
+        if self.spec.discrete:
+            mine = gumbel_softmax(masked_logits(pre, batch.action_mask), cfg.gumbel_tau, self.generator)
+        else:
+            mine = self.actor.squash(pre)
+        mine = mine * active.unsqueeze(-1)
+        replayed = self.encode(batch.action, batch.active)  # [B, N, A]
+        # Critic i sees agent i's fresh action and the replayed actions of the others: joint[b, i, j] is
+        # mine[b, j] if i == j else replayed[b, j]. Off-diagonal terms carry zero gradient to the actors.
+        eye = torch.eye(self.n, device=pre.device).unsqueeze(-1)  # [N (critic), N (agent), 1]
+        joint = replayed.unsqueeze(1) * (1 - eye) + mine.unsqueeze(1) * eye
+        self.critic_grad(False)
+        q = self.q_values(self.critic, self.critic_x(batch.state, batch.obs), joint)  # [B, N]
+        self.critic_grad(True)
+        per_agent = -(q * active).sum(0) / active.sum(0).clamp_min(1.0)
+        reg = cfg.actor_reg * (pre.pow(2) * self.actor.dim_mask).mean((0, 2))
+        loss_i = per_agent + reg
+        # Separate actors: summing gives each its own gradient. A shared actor takes the mean.
+        loss = loss_i.mean() if cfg.share_params else loss_i.sum()
+        self.check_finite(loss, "the actor loss")
+        for o in self.actor_opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for i, o in enumerate(self.actor_opts):
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.actor.agent_parameters(i), cfg.max_grad_norm)
+            o.step()
+        return {"loss/actor": per_agent.detach().mean()}

@@ -1,0 +1,355 @@
+"""Off-policy family: TD targets and mixers against hand-computed values, QMIX's monotonicity, the HA
+sequential actor update, env refusal, checkpoints and exact resume, and learning on small tasks."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pamarl.algos.base import ActOut
+from pamarl.algos.offpolicy import (
+    double_q_value,
+    hard_update,
+    linear_schedule,
+    masked_argmax,
+    max_q_value,
+    soft_update,
+    td_target,
+    team_reward,
+)
+from pamarl.algos.registry import get_algorithm
+from pamarl.buffers.replay import TransitionBatch
+from pamarl.checkpoint import load_checkpoint
+from pamarl.config import TrainConfig
+from pamarl.envs.base import BatchedEnv, BatchObs, EnvSpec
+from pamarl.envs.registry import make_env
+from pamarl.errors import UsageError
+from pamarl.nets.mixers import QMixer, VDNMixer
+from pamarl.nets.qnets import AgentQNet, gumbel_softmax
+from pamarl.runner import evaluate
+
+OFF_POLICY = ("maddpg", "haddpg", "hatd3", "iql", "vdn", "qmix")
+
+
+# ---------------------------------------------------------------------- helpers
+def spec(discrete: bool = True, n: int = 2, obs: int = 3, act: int = 3, state: int = 4) -> EnvSpec:
+    kw: dict[str, Any] = {}
+    if not discrete:
+        kw = {"action_low": ((0.0,) * act,) * n, "action_high": ((2.0,) * act,) * n}
+    return EnvSpec(agent_ids=tuple(f"a{i}" for i in range(n)), obs_dims=(obs,) * n, state_dim=state,
+                   action_kind="discrete" if discrete else "continuous", action_dims=(act,) * n, episode_limit=5, **kw)
+
+
+def make(name: str, sp: EnvSpec, **cfg: Any) -> Any:
+    cls = get_algorithm(name)
+    return cls(sp, cls.Config(**cfg), TrainConfig(algo=name, num_envs=2, seed=3), torch.device("cpu"))
+
+
+def batch(sp: EnvSpec, B: int = 6, seed: int = 0) -> TransitionBatch:
+    g = torch.Generator().manual_seed(seed)
+    n, A = sp.n_agents, sp.act_dim
+    action = (torch.randint(0, A, (B, n), generator=g) if sp.discrete
+              else torch.rand(B, n, A, generator=g) * 2 - 1)
+    return TransitionBatch(
+        obs=torch.randn(B, n, sp.obs_dim, generator=g), state=torch.randn(B, sp.state_dim, generator=g),
+        action_mask=torch.ones(B, n, A, dtype=torch.bool), active=torch.ones(B, n, dtype=torch.bool), action=action,
+        reward=torch.randn(B, n, generator=g), terminated=(torch.rand(B, generator=g) < 0.3).float(),
+        next_obs=torch.randn(B, n, sp.obs_dim, generator=g), next_state=torch.randn(B, sp.state_dim, generator=g),
+        next_action_mask=torch.ones(B, n, A, dtype=torch.bool), next_active=torch.ones(B, n, dtype=torch.bool))
+
+
+def rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+class RandomPolicy:
+    """Uniform random actions (allowed ones for discrete tasks; uniform in the bounds for continuous)."""
+
+    def __init__(self, sp: EnvSpec, seed: int = 0):
+        self.spec = sp
+        self.g = torch.Generator().manual_seed(seed)
+        low, high = sp.padded_bounds()
+        self.low, self.high = torch.as_tensor(low), torch.as_tensor(high)
+
+    def act(self, obs: BatchObs, explore: bool = True) -> ActOut:
+        E, n = obs.obs.shape[:2]
+        if self.spec.discrete:
+            p = obs.action_mask.float().reshape(E * n, -1)
+            return ActOut(torch.multinomial(p, 1, generator=self.g).reshape(E, n))
+        u = torch.rand(E, n, self.spec.act_dim, generator=self.g)
+        return ActOut(self.low + u * (self.high - self.low))
+
+
+def random_return(env_id: str, episodes: int = 48) -> float:
+    env: BatchedEnv = make_env(env_id, num_envs=8, seed=123)
+    try:
+        return evaluate(RandomPolicy(env.spec), env, episodes, seed=777)["eval/return_mean"]  # type: ignore[arg-type]
+    finally:
+        env.close()
+
+
+def trained_return(result_dir: Path, env_id: str, algo: str, episodes: int = 48) -> float:
+    """Greedy return of the final checkpoint on fresh evaluation episodes (same seeds as the baseline)."""
+    from pamarl.runner import load_run_config, make_algorithm
+
+    run, cfg = load_run_config(result_dir)
+    env = make_env(env_id, num_envs=8, seed=123)
+    try:
+        a = make_algorithm(run, cfg, env.spec)
+        a.load_state_dict(load_checkpoint(result_dir / "checkpoints" / "final.pt")["algo"])
+        return evaluate(a, env, episodes, seed=777)["eval/return_mean"]
+    finally:
+        env.close()
+
+
+# ---------------------------------------------------------------------- TD targets
+def test_td_target_bootstraps_on_truncation_not_on_termination() -> None:
+    r = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    term = torch.tensor([0.0, 1.0])
+    nxt = torch.tensor([[10.0, 20.0], [30.0, 40.0]])
+    y = td_target(r, term, nxt, gamma=0.9)
+    # env 0 (running or truncated): r + 0.9 * V(s'); env 1 (terminated): r
+    assert torch.allclose(y, torch.tensor([[1.0 + 9.0, 2.0 + 18.0], [0.5, -1.0]]))
+    assert torch.allclose(td_target(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([2.0]), 0.5),
+                          torch.tensor([2.0]))
+
+
+def test_double_q_and_max_targets_respect_masks() -> None:
+    q_online = torch.tensor([[1.0, 5.0, 3.0], [2.0, 1.0, 0.0]])
+    q_target = torch.tensor([[10.0, 20.0, 30.0], [7.0, 8.0, 9.0]])
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    # online argmax over allowed: row 0 -> action 2 (3 > 1), row 1 -> action 1; target values there
+    assert torch.allclose(double_q_value(q_online, q_target, mask), torch.tensor([30.0, 8.0]))
+    assert torch.allclose(max_q_value(q_target, mask), torch.tensor([30.0, 9.0]))
+    assert masked_argmax(q_online, mask).tolist() == [2, 1]
+    # a row with nothing allowed (an inactive agent) stays defined
+    assert masked_argmax(q_online[:1], torch.zeros(1, 3, dtype=torch.bool)).tolist() == [1]
+
+
+def test_team_reward_schedule_and_target_updates() -> None:
+    r = torch.tensor([[1.0, 3.0]])
+    assert team_reward(r, "mean").item() == 2.0 and team_reward(r, "sum").item() == 4.0
+    assert linear_schedule(1.0, 0.1, 100, 50) == pytest.approx(0.55)
+    assert linear_schedule(1.0, 0.1, 100, 500) == pytest.approx(0.1)
+    src, tgt = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    w0 = tgt.weight.detach().clone()
+    soft_update(tgt, src, 0.1)
+    assert torch.allclose(tgt.weight, 0.9 * w0 + 0.1 * src.weight)
+    hard_update(tgt, src)
+    assert torch.equal(tgt.weight, src.weight)
+
+
+def test_iql_loss_matches_hand_computation() -> None:
+    sp = spec()
+    algo = make("iql", sp, hidden=(8,), gamma=0.9)
+    b = batch(sp)
+    b.next_active[0, 1] = False  # agent 1 of row 0 leaves: no bootstrap for it
+    b.active[2, 0] = False  # agent 0 of row 2 is inactive: no loss
+    p = algo.q_pairs(b)
+    loss, _ = algo.loss(p)
+    with torch.no_grad():
+        q = algo.qnet(b.obs)[0].gather(-1, b.action.unsqueeze(-1)).squeeze(-1)
+        q_next = algo.qnet(b.next_obs)[0].max(-1).values  # target == online at init, so double-Q == max
+        y = b.reward + 0.9 * (1 - b.terminated[:, None]) * q_next * b.next_active
+        m = b.active.float()
+        expected = ((q - y).pow(2) * m).sum() / m.sum()
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_vdn_loss_is_team_td_of_summed_utilities() -> None:
+    sp = spec()
+    algo = make("vdn", sp, hidden=(8,), gamma=0.95, team_reward="sum")
+    b = batch(sp, seed=1)
+    loss, _ = algo.loss(algo.q_pairs(b))
+    with torch.no_grad():
+        q = algo.qnet(b.obs)[0].gather(-1, b.action.unsqueeze(-1)).squeeze(-1).sum(-1)
+        q_next = algo.qnet(b.next_obs)[0].max(-1).values.sum(-1)
+        y = b.reward.sum(-1) + 0.95 * (1 - b.terminated) * q_next
+    assert torch.allclose(loss, (q - y).pow(2).mean(), atol=1e-6)
+
+
+# ---------------------------------------------------------------------- mixers
+def test_vdn_mixer_sums() -> None:
+    assert torch.allclose(VDNMixer()(torch.tensor([[1.0, 2.0, 3.5]]), None), torch.tensor([6.5]))
+
+
+def test_qmixer_matches_hand_computed_value() -> None:
+    mix = QMixer(n_agents=2, state_dim=1, embed_dim=1, hypernet_layers=1)
+    with torch.no_grad():
+        for p in mix.parameters():
+            p.zero_()
+        mix.hyper_w1.bias.copy_(torch.tensor([-2.0, 3.0]))  # |W1| = [2, 3]
+        mix.hyper_b1.bias.fill_(-1.0)
+        mix.hyper_w2.bias.fill_(-0.5)  # |W2| = 0.5
+        mix.hyper_b2[2].bias.fill_(4.0)
+    qs = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    out = mix(qs, torch.zeros(2, 1))
+    h0 = 2 * 1 + 3 * 1 - 1  # = 4 -> elu 4
+    h1 = 2 * -1 + 0 - 1  # = -3 -> elu exp(-3) - 1
+    expected = torch.tensor([0.5 * h0 + 4.0, 0.5 * (math.exp(h1) - 1) + 4.0])
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_qmix_monotonic_in_every_agent_utility(layers: int) -> None:
+    torch.manual_seed(0)
+    mix = QMixer(n_agents=4, state_dim=6, embed_dim=8, hypernet_layers=layers, hypernet_embed=16)
+    qs = (torch.randn(512, 4) * 5).requires_grad_(True)
+    states = torch.randn(512, 6) * 3
+    (grad,) = torch.autograd.grad(mix(qs, states).sum(), qs)
+    assert (grad >= 0).all()
+    assert (grad > 0).float().mean() > 0.5  # and not trivially flat
+
+
+def test_qmix_training_step_keeps_monotonicity_and_leading_dims() -> None:
+    sp = spec(n=3)
+    algo = make("qmix", sp, hidden=(8,), mixing_embed=4, hypernet_embed=8, lr=1e-2)
+    for s in range(5):
+        algo.train_step(batch(sp, B=16, seed=s))
+    qs = torch.randn(7, 5, 3, requires_grad=True)
+    out = algo.mixer(qs, torch.randn(7, 5, sp.state_dim))
+    assert out.shape == (7, 5)
+    (g,) = torch.autograd.grad(out.sum(), qs)
+    assert (g >= 0).all()
+
+
+def test_recurrent_qnet_matches_stepwise_unroll() -> None:
+    torch.manual_seed(0)
+    net = AgentQNet(3, 5, 4, rnn=True, rnn_hidden=8)
+    obs = torch.randn(2, 6, 3, 5)
+    h, qs = None, []
+    for t in range(6):
+        q, h = net(obs[:, t], h)
+        qs.append(q)
+    assert torch.allclose(net.unroll(obs), torch.stack(qs, 1), atol=1e-6)
+
+
+def test_gumbel_softmax_is_one_hot_with_gradient() -> None:
+    logits = torch.randn(64, 5, requires_grad=True)
+    y = gumbel_softmax(logits, 1.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(y.sum(-1), torch.ones(64)) and ((y == 0) | (y == 1)).all()
+    (y * torch.arange(5.0)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------- actor-critic
+def test_hatd3_target_smoothing_is_clipped_and_bounded() -> None:
+    sp = spec(discrete=False)
+    algo = make("hatd3", sp, hidden=(8,), critic_hidden=(8,), policy_noise=5.0, noise_clip=0.1)
+    b = batch(sp)
+    with torch.no_grad():
+        mu = algo.target_actions(b.next_obs, b.next_action_mask, b.next_active)
+        a = algo.next_actions(b)
+    assert (a.abs() <= 1).all() and ((a - mu).abs() <= 0.1 + 1e-6).all()
+    assert (a != mu).any()
+
+
+def test_hatd3_delays_actor_and_target_updates() -> None:
+    sp = spec(discrete=False)
+    algo = make("hatd3", sp, hidden=(8,), critic_hidden=(8,), policy_delay=3, tau=0.5)
+    actor0 = [p.clone() for p in algo.actor.parameters()]
+    target0 = [p.clone() for p in algo.target_critic.parameters()]
+    for step in range(3):
+        m = algo.train_step(batch(sp, seed=step))
+        algo.updates += 1
+        moved = any(not torch.equal(p, q) for p, q in zip(algo.actor.parameters(), actor0))
+        t_moved = any(not torch.equal(p, q) for p, q in zip(algo.target_critic.parameters(), target0))
+        assert moved == (step == 2) and t_moved == (step == 2) and ("loss/actor" in m) == (step == 2)
+
+
+def test_sequential_actor_update_uses_earlier_agents_new_actions() -> None:
+    """HAML's sequential update: agent i_m sees agents i_1..i_{m-1} with their updated policies and the
+    rest with their current ones; the order is the one :func:`schedules.sequential` draws."""
+    from pamarl.algos.schedules import sequential
+
+    sp = spec(discrete=False, n=3)
+    algo = make("haddpg", sp, hidden=(8,), critic_hidden=(8,), lr=0.05)
+    b = batch(sp, B=8)
+    with torch.no_grad():
+        old = algo.actor.squash(algo.actor(b.obs))
+    seen: list[torch.Tensor] = []
+    q_values = algo.q_values
+
+    def spy(critic: Any, x: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
+        seen.append(joint.detach().clone())
+        return q_values(critic, x, joint)
+
+    algo.q_values = spy  # type: ignore[method-assign]
+    expected_order = sequential(3, torch.Generator().set_state(algo.generator.get_state())).critical
+    algo.sequential_actor_update(b)
+    assert algo.last_order == expected_order
+    with torch.no_grad():
+        new = algo.actor.squash(algo.actor(b.obs))
+    for m, i in enumerate(expected_order):
+        joint = seen[m]
+        for j in expected_order[:m]:
+            assert torch.allclose(joint[:, j], new[:, j], atol=1e-6)
+        for j in expected_order[m + 1:]:
+            assert torch.allclose(joint[:, j], old[:, j], atol=1e-6)
+        assert not torch.allclose(old[:, i], new[:, i])  # agent i itself moved
+
+
+def test_maddpg_critic_i_sees_own_fresh_action_and_replayed_others() -> None:
+    sp = spec(discrete=True, n=3)
+    algo = make("maddpg", sp, hidden=(8,), critic_hidden=(8,))
+    b = batch(sp, B=4)
+    seen: list[torch.Tensor] = []
+    q_values = algo.q_values
+
+    def spy(critic: Any, x: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
+        seen.append(joint.detach().clone())
+        return q_values(critic, x, joint)
+
+    algo.q_values = spy  # type: ignore[method-assign]
+    algo.actor_update(b)
+    joint = seen[0]  # [B, critic, agent, A]
+    replayed = torch.nn.functional.one_hot(b.action, 3).float()
+    for i in range(3):
+        for j in range(3):
+            if i != j:
+                assert torch.equal(joint[:, i, j], replayed[:, j])
+            else:  # a one-hot Gumbel sample of agent i's own policy
+                assert torch.allclose(joint[:, i, j].sum(-1), torch.ones(4))
+
+
+@pytest.mark.parametrize("name,discrete", [("haddpg", True), ("hatd3", True), ("iql", False), ("vdn", False),
+                                           ("qmix", False)])
+def test_refuses_wrong_action_kind(name: str, discrete: bool) -> None:
+    with pytest.raises(UsageError, match="supports (continuous|discrete) actions only"):
+        make(name, spec(discrete=discrete))
+
+
+def test_maddpg_supports_both_action_kinds() -> None:
+    for d in (True, False):
+        algo = make("maddpg", spec(discrete=d), hidden=(8,), critic_hidden=(8,))
+        m = algo.train_step(batch(spec(discrete=d)))
+        assert {"loss/critic", "loss/actor"} <= set(m)
+
+
+def test_continuous_actions_reach_env_bounds() -> None:
+    sp = spec(discrete=False)
+    algo = make("hatd3", sp, hidden=(8,), critic_hidden=(8,), learning_starts=0, expl_noise=10.0)
+    obs = BatchObs(torch.randn(2, 2, 3), torch.randn(2, 4), torch.ones(2, 2, 3, dtype=torch.bool),
+                   torch.ones(2, 2, dtype=torch.bool))
+    out = algo.act(obs)
+    assert (out.env_action >= 0).all() and (out.env_action <= 2).all()
+    assert ((out.env_action == 0) | (out.env_action == 2)).any()  # huge noise saturates at the bounds
+    assert torch.allclose(out.env_action, (out.extras["action"] + 1))  # [-1, 1] -> [0, 2]
+
+
+def test_epsilon_greedy_only_picks_allowed_actions() -> None:
+    sp = spec(n=2, act=4)
+    algo = make("qmix", sp, hidden=(8,), eps_start=1.0, eps_anneal_steps=10**9)
+    mask = torch.zeros(64, 2, 4, dtype=torch.bool)
+    mask[..., 1] = mask[..., 3] = True
+    obs = BatchObs(torch.randn(64, 2, 3), torch.randn(64, 4), mask, torch.ones(64, 2, dtype=torch.bool))
+    a = algo.act(obs).env_action
+    assert set(a.unique().tolist()) == {1, 3}
+    g = algo.act(obs, explore=False).env_action
+    assert set(g.unique().tolist()) <= {1, 3}

@@ -1,0 +1,125 @@
+"""Replay memories: layout, ring wrap-around, successors from ``final``, episodes, checkpoint round trip."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from pamarl.buffers.replay import EpisodeReplay, ReplayBuffer
+from pamarl.envs.base import BatchObs, BatchStep, EnvSpec
+
+N, E, OB, A, S = 2, 3, 4, 3, 5
+
+
+def spec(discrete: bool = True, limit: int | None = None) -> EnvSpec:
+    kw = {} if discrete else {"action_low": ((-1.0,) * A,) * N, "action_high": ((1.0,) * A,) * N}
+    return EnvSpec(agent_ids=("a", "b"), obs_dims=(OB, OB), state_dim=S, action_kind="discrete" if discrete else
+                   "continuous", action_dims=(A, A), episode_limit=limit, **kw)
+
+
+def obs_at(v: float) -> BatchObs:
+    """Observations whose every entry encodes ``v`` (plus the env index / 100)."""
+    base = v + torch.arange(E, dtype=torch.float32)[:, None] / 100
+    return BatchObs(obs=base[:, :, None].expand(E, N, OB).clone(), state=base.expand(E, S).clone(),
+                    action_mask=torch.ones(E, N, A, dtype=torch.bool), active=torch.ones(E, N, dtype=torch.bool))
+
+
+def make_step(v: float, final: float | None = None, term: list[bool] | None = None,
+              trunc: list[bool] | None = None) -> BatchStep:
+    nxt = obs_at(v)
+    fin = obs_at(final) if final is not None else nxt
+    return BatchStep(next=nxt, final=fin, reward=torch.full((E, N), v), cost=None,
+                     terminated=torch.tensor(term or [False] * E), truncated=torch.tensor(trunc or [False] * E))
+
+
+def roundtrip(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_transitions_store_final_as_successor_and_terminated_only() -> None:
+    rb = ReplayBuffer(spec(), capacity=10)
+    # Env 0 is truncated (final 9 differs from the reset obs 2), env 1 terminated, env 2 goes on.
+    rb.add(obs_at(1.0), torch.zeros(E, N, dtype=torch.long),
+           make_step(2.0, final=9.0, term=[False, True, False], trunc=[True, False, False]))
+    assert len(rb) == E
+    d = rb.data
+    assert torch.allclose(d["next_obs"][0, 0, 0], torch.tensor(9.0))  # the true last obs, not the reset one
+    assert d["terminated"][:E].tolist() == [0.0, 1.0, 0.0]  # truncation keeps the bootstrap
+    assert torch.allclose(d["obs"][:E, 0, 0], torch.tensor([1.0, 1.01, 1.02]))
+
+
+def test_ring_wraps_and_sampling_shapes() -> None:
+    rb = ReplayBuffer(spec(discrete=False), capacity=7)
+    for t in range(4):  # 12 rows into 7 slots
+        rb.add(obs_at(float(t)), torch.full((E, N, A), float(t)), make_step(t + 1.0))
+    assert len(rb) == 7 and rb.ptr == 12 % 7
+    # The oldest surviving rows are from t = 2 (rows 6, 7, 8 -> slots 6, 0, 1) and t = 3.
+    assert sorted(rb.data["obs"][:, 0, 0].floor().tolist()) == [1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0]
+    g = torch.Generator().manual_seed(0)
+    b = rb.sample(16, g)
+    assert b.obs.shape == (16, N, OB) and b.action.shape == (16, N, A) and b.state.shape == (16, S)
+    assert b.next_action_mask.dtype == torch.bool and b.terminated.shape == (16,)
+    # every sampled successor is the step after its observation
+    assert torch.allclose(b.next_obs[:, 0, 0].floor(), b.obs[:, 0, 0].floor() + 1)
+
+
+def test_replay_state_dict_roundtrip_weights_only() -> None:
+    rb = ReplayBuffer(spec(), capacity=8)
+    for t in range(2):
+        rb.add(obs_at(float(t)), torch.ones(E, N, dtype=torch.long), make_step(t + 1.0))
+    rb2 = ReplayBuffer(spec(), capacity=8)
+    rb2.load_state_dict(roundtrip(rb.state_dict()))
+    assert rb2.ptr == rb.ptr and len(rb2) == len(rb)
+    for k in rb.data:
+        assert torch.equal(rb.data[k], rb2.data[k]), k
+    with pytest.raises(ValueError, match="capacity"):
+        ReplayBuffer(spec(), capacity=9).load_state_dict(rb.state_dict())
+
+
+def test_episode_replay_commits_pads_and_chunks() -> None:
+    er = EpisodeReplay(spec(), capacity=10, max_len=4, num_envs=E)
+    a = torch.zeros(E, N, dtype=torch.long)
+    # Env 0 terminates after 2 steps; env 1 is truncated after 3; env 2 runs 4 steps and is cut at max_len.
+    plan = {1: ([True, False, False], [False, False, False]), 2: ([False, False, False], [False, True, False])}
+    for t in range(4):
+        term, trunc = plan.get(t, ([False] * E, [False] * E))
+        er.add(obs_at(float(t)), a, make_step(t + 1.0, final=50.0 + t, term=list(term), trunc=list(trunc)))
+    assert len(er) == 3
+    d = er.data
+    lengths = d["filled"][:3].sum(1).tolist()
+    assert sorted(lengths) == [2.0, 3.0, 4.0]
+    row0 = lengths.index(2.0)  # env 0's episode
+    assert d["terminated"][row0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert torch.allclose(d["obs"][row0, :3, 0, 0], torch.tensor([0.0, 1.0, 51.0]))  # successor = final
+    row2 = lengths.index(4.0)
+    assert d["terminated"][row2].sum() == 0  # a cut chunk bootstraps
+    assert torch.allclose(d["obs"][row2, 4, 0, 0], torch.tensor(53.02))
+    g = torch.Generator().manual_seed(1)
+    b = er.sample(5, g)
+    T = b.filled.shape[1]
+    assert b.obs.shape == (5, T + 1, N, OB) and b.action.shape == (5, T, N) and b.reward.shape == (5, T, N)
+
+
+def test_episode_replay_flush_and_roundtrip() -> None:
+    er = EpisodeReplay(spec(), capacity=4, max_len=10, num_envs=E)
+    a = torch.zeros(E, N, dtype=torch.long)
+    for t in range(3):
+        er.add(obs_at(float(t)), a, make_step(t + 1.0))
+    assert len(er) == 0 and er.t.tolist() == [3, 3, 3]
+    state = roundtrip(er.state_dict())
+    er.flush()  # the runner reset the envs: running episodes are cut (and bootstrap)
+    assert len(er) == 3 and er.t.tolist() == [0, 0, 0]
+    assert torch.allclose(er.data["obs"][:3, 3, 0, 0].floor(), torch.full((3,), 3.0))
+    er2 = EpisodeReplay(spec(), capacity=4, max_len=10, num_envs=E)
+    er2.load_state_dict(state)
+    er2.flush()
+    for k in er.data:
+        assert torch.equal(er.data[k], er2.data[k]), k
+    er.add(obs_at(0.0), a, make_step(1.0))
+    er.add(obs_at(1.0), a, make_step(2.0, term=[True] * E))
+    assert len(er) == 4 and er.ptr == (3 + 3) % 4  # ring of episodes wrapped
