@@ -31,7 +31,7 @@ from pamarl.envs.registry import make_env
 from pamarl.errors import UsageError
 from pamarl.nets.mixers import QMixer, VDNMixer
 from pamarl.nets.qnets import AgentQNet, gumbel_softmax
-from pamarl.runner import evaluate
+from pamarl.runner import evaluate, train
 
 OFF_POLICY = ("maddpg", "haddpg", "hatd3", "iql", "vdn", "qmix")
 
@@ -50,7 +50,7 @@ def make(name: str, sp: EnvSpec, **cfg: Any) -> Any:
     return cls(sp, cls.Config(**cfg), TrainConfig(algo=name, num_envs=2, seed=3), torch.device("cpu"))
 
 
-def batch(sp: EnvSpec, B: int = 6, seed: int = 0) -> TransitionBatch:
+def batch(sp: EnvSpec, B: int = 6, seed: int = 0, gamma: float = 0.9) -> TransitionBatch:
     g = torch.Generator().manual_seed(seed)
     n, A = sp.n_agents, sp.act_dim
     action = (torch.randint(0, A, (B, n), generator=g) if sp.discrete
@@ -60,12 +60,21 @@ def batch(sp: EnvSpec, B: int = 6, seed: int = 0) -> TransitionBatch:
         action_mask=torch.ones(B, n, A, dtype=torch.bool), active=torch.ones(B, n, dtype=torch.bool), action=action,
         reward=torch.randn(B, n, generator=g), terminated=(torch.rand(B, generator=g) < 0.3).float(),
         next_obs=torch.randn(B, n, sp.obs_dim, generator=g), next_state=torch.randn(B, sp.state_dim, generator=g),
-        next_action_mask=torch.ones(B, n, A, dtype=torch.bool), next_active=torch.ones(B, n, dtype=torch.bool))
+        next_action_mask=torch.ones(B, n, A, dtype=torch.bool), next_active=torch.ones(B, n, dtype=torch.bool),
+        discount=torch.full((B,), gamma))
 
 
 def rows(run_dir: Path) -> list[dict[str, str]]:
+    """Logged metrics without the wall-clock column."""
     with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in csv.DictReader(f)]
+
+
+def quick(tmp_path: Path, name: str, **kw: Any) -> TrainConfig:
+    base: dict[str, Any] = dict(progress=False, tensorboard=False, eval_every=0, run_dir=str(tmp_path / name),
+                                num_envs=4, rollout_len=25)
+    base.update(kw)
+    return TrainConfig(**base)
 
 
 class RandomPolicy:
@@ -113,11 +122,14 @@ def test_td_target_bootstraps_on_truncation_not_on_termination() -> None:
     r = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
     term = torch.tensor([0.0, 1.0])
     nxt = torch.tensor([[10.0, 20.0], [30.0, 40.0]])
-    y = td_target(r, term, nxt, gamma=0.9)
+    y = td_target(r, term, nxt, 0.9)
     # env 0 (running or truncated): r + 0.9 * V(s'); env 1 (terminated): r
     assert torch.allclose(y, torch.tensor([[1.0 + 9.0, 2.0 + 18.0], [0.5, -1.0]]))
     assert torch.allclose(td_target(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([2.0]), 0.5),
                           torch.tensor([2.0]))
+    # per-sample discounts of n-step returns (gamma^m) broadcast over agents
+    y = td_target(r, torch.tensor([0.0, 0.0]), nxt, torch.tensor([0.5, 0.25]))
+    assert torch.allclose(y, torch.tensor([[6.0, 12.0], [8.0, 9.0]]))
 
 
 def test_double_q_and_max_targets_respect_masks() -> None:
@@ -165,7 +177,7 @@ def test_iql_loss_matches_hand_computation() -> None:
 def test_vdn_loss_is_team_td_of_summed_utilities() -> None:
     sp = spec()
     algo = make("vdn", sp, hidden=(8,), gamma=0.95, team_reward="sum")
-    b = batch(sp, seed=1)
+    b = batch(sp, seed=1, gamma=0.95)
     loss, _ = algo.loss(algo.q_pairs(b))
     with torch.no_grad():
         q = algo.qnet(b.obs)[0].gather(-1, b.action.unsqueeze(-1)).squeeze(-1).sum(-1)
@@ -353,3 +365,108 @@ def test_epsilon_greedy_only_picks_allowed_actions() -> None:
     assert set(a.unique().tolist()) == {1, 3}
     g = algo.act(obs, explore=False).env_action
     assert set(g.unique().tolist()) <= {1, 3}
+
+
+# ---------------------------------------------------------------------- checkpoints and resume
+RESUME_CASES = {
+    "qmix": ("mpe/simple_spread_v3", {"n_step": 2}),  # n-step returns stop at the checkpoint's cut
+    "qmix-rnn": ("mpe/simple_spread_v3", {"rnn": True, "episode_batch": 4}),  # running episodes cut mid-way
+    "iql-shared": ("matrix/penalty?steps=3", {"share_params": True}),
+    "vdn": ("matrix/climbing", {"target_update_interval": 7}),
+    "maddpg": ("mpe/simple_spread_v3", {}),
+    "maddpg-cont": ("mpe/simple_spread_v3?continuous=true", {}),
+    "haddpg": ("mpe/simple_spread_v3?continuous=true", {}),
+    "hatd3": ("mpe/simple_spread_v3?continuous=true", {"n_step": 3}),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    """A run killed after a checkpoint and resumed logs exactly what an uninterrupted run logs (the replay,
+    the running episodes of recurrent agents, optimisers, counters and RNG are all in the checkpoint)."""
+    env, extra = RESUME_CASES[case]
+    name = case.split("-")[0]
+    cls = get_algorithm(name)
+    cfg = cls.Config(hidden=(16,), batch_size=32, learning_starts=150, env_steps_per_update=25, **extra)
+    kw = dict(algo=name, env=env, steps=800, rollout_len=10 if "rnn" in case else 25, checkpoint_every=3,
+              eval_every=3, eval_episodes=4)
+    train(quick(tmp_path, "full", **kw), cfg)
+
+    real_update = cls.update
+    calls = {"n": 0}
+
+    def crashing_update(self: Any, progress: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 5:  # dies after the checkpoint at iteration 3, before the next one
+            raise KeyboardInterrupt
+        return real_update(self, progress)
+
+    monkeypatch.setattr(cls, "update", crashing_update)
+    with pytest.raises(KeyboardInterrupt):
+        train(quick(tmp_path, "cut", **kw), cfg)
+    monkeypatch.setattr(cls, "update", real_update)
+    train(quick(tmp_path, "cut", **kw), cfg, resume=True)
+    full, cut = rows(tmp_path / "full"), rows(tmp_path / "cut")
+    assert any(r.get("loss/td") or r.get("loss/critic") for r in full)  # it did learn in between
+    assert cut == full
+
+
+def test_checkpoint_without_replay_is_small_and_refills(tmp_path: Path) -> None:
+    cls = get_algorithm("qmix")
+    kw = dict(algo="qmix", env="mpe/simple_spread_v3", steps=400)
+    cfg = cls.Config(learning_starts=100, batch_size=16, checkpoint_replay=False)
+    with_replay = train(quick(tmp_path, "with", **kw), cls.Config(learning_starts=100, batch_size=16))
+    without = train(quick(tmp_path, "without", **kw), cfg)
+    big = (with_replay.run_dir / "checkpoints" / "final.pt").stat().st_size
+    small = (without.run_dir / "checkpoints" / "final.pt").stat().st_size
+    assert small < big
+    state = load_checkpoint(without.run_dir / "checkpoints" / "final.pt")  # weights_only=True
+    assert state["algo"]["replay"] is None
+    algo = make("qmix", make_env("mpe/simple_spread_v3").spec, checkpoint_replay=False, learning_starts=100)
+    algo.load_state_dict(state["algo"])
+    assert len(algo.replay) == 0 and not algo.learning() and algo.env_steps == 400  # epsilon keeps its place
+    res = train(quick(tmp_path, "without", **{**kw, "steps": 800}), cfg, resume=True)
+    assert float(rows(res.run_dir)[-1]["train/updates"]) > float(rows(res.run_dir)[3]["train/updates"])
+
+
+# ---------------------------------------------------------------------- learning (fixed seeds)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vdn", "qmix"])
+def test_value_decomposition_solves_mild_penalty_game(tmp_path: Path, name: str) -> None:
+    """VDN and QMIX reach an optimum (10 at (0, 0) or (2, 2)) of the penalty game with k = -5.
+
+    Why this game: under uniform exploration VDN's least-squares utilities are the payoff's row means
+    plus a constant, ``Q_i(a) = (sum_b R(a, b)) / 3 + c``; the optimal actions 0 and 2 have the larger
+    mean iff ``(10 + k) / 3 > 2 / 3``, i.e. ``k > -8``. From there each agent's best response to the
+    other playing 0 (or 2) is to match it, so greedy play settles on an optimum. With the default
+    k = -100 (and in the climbing game) the safe action has the larger mean and VDN/QMIX settle on the
+    safe joint action instead: relative overgeneralisation, which monotonic factorisations cannot escape.
+    QMIX's mixer contains VDN's sum, so the same fit is open to it.
+    """
+    cfg = get_algorithm(name).Config(eps_anneal_steps=3000, learning_starts=500)
+    res = train(quick(tmp_path, name, algo=name, env="matrix/penalty?k=-5", steps=6000, num_envs=8,
+                      eval_episodes=16, seed=2), cfg)
+    # team return = 2 agents x payoff 10 / scale 10
+    assert res.final_eval["eval/return_mean"] == pytest.approx(2.0)
+
+
+SPREAD = "mpe/simple_spread_v3"
+SPREAD_C = "mpe/simple_spread_v3?continuous=true"
+LEARNING_CASES = {
+    # budget, env, config. A shorter horizon (gamma = 0.95 over 25-step episodes), a faster learning rate
+    # and n-step returns let every learner show progress within a CI budget; the defaults learn too, slower.
+    "qmix": (20_000, SPREAD, {"gamma": 0.95, "lr": 1e-3, "eps_anneal_steps": 10_000, "n_step": 3}),
+    "vdn": (16_000, SPREAD, {"gamma": 0.95, "lr": 1e-3, "eps_anneal_steps": 10_000, "n_step": 3}),
+    "maddpg": (16_000, SPREAD_C, {"n_step": 5}),
+    "hatd3": (20_000, SPREAD_C, {"n_step": 5}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LEARNING_CASES))
+def test_beats_random_on_simple_spread(tmp_path: Path, name: str) -> None:
+    steps, env, extra = LEARNING_CASES[name]
+    rand = random_return(env)
+    res = train(quick(tmp_path, name, algo=name, env=env, steps=steps, num_envs=8, eval_episodes=24, seed=1),
+                get_algorithm(name).Config(**extra))
+    assert res.final_eval["eval/return_mean"] > rand + 10, (res.final_eval, rand)

@@ -28,10 +28,16 @@ def obs_at(v: float) -> BatchObs:
 
 def make_step(v: float, final: float | None = None, term: list[bool] | None = None,
               trunc: list[bool] | None = None) -> BatchStep:
+    """A vector step whose ``final`` is ``final`` where an episode ended (term/trunc), else ``next``."""
     nxt = obs_at(v)
-    fin = obs_at(final) if final is not None else nxt
-    return BatchStep(next=nxt, final=fin, reward=torch.full((E, N), v), cost=None,
-                     terminated=torch.tensor(term or [False] * E), truncated=torch.tensor(trunc or [False] * E))
+    terminated, truncated = torch.tensor(term or [False] * E), torch.tensor(trunc or [False] * E)
+    fin = nxt
+    if final is not None:
+        f, ended = obs_at(final), terminated | truncated
+        fin = BatchObs(*(torch.where(ended.view(-1, *[1] * (getattr(nxt, k).dim() - 1)), getattr(f, k), getattr(nxt, k))
+                         for k in ("obs", "state", "action_mask", "active")))
+    return BatchStep(next=nxt, final=fin, reward=torch.full((E, N), v), cost=None, terminated=terminated,
+                     truncated=truncated)
 
 
 def roundtrip(state: dict) -> dict:
@@ -68,6 +74,45 @@ def test_ring_wraps_and_sampling_shapes() -> None:
     assert torch.allclose(b.next_obs[:, 0, 0].floor(), b.obs[:, 0, 0].floor() + 1)
 
 
+def test_n_step_returns_follow_each_env_stream_and_stop_at_episode_ends() -> None:
+    rb = ReplayBuffer(spec(), capacity=30)
+    a = torch.zeros(E, N, dtype=torch.long)
+    # rewards r_t = t + 1 in every env; env 1 terminates after step 1, env 2 is truncated after step 2
+    ends = {1: ([False, True, False], [False] * E), 2: ([False] * E, [False, False, True])}
+    for t in range(5):
+        term, trunc = ends.get(t, ([False] * E, [False] * E))
+        rb.add(obs_at(float(t)), a, make_step(float(t + 1), final=100.0 + t, term=term, trunc=trunc))
+    g = 0.5
+    rows = torch.arange(15)
+    rb_sample = rb.sample  # sample every row once, in order, by patching the index draw
+    torch_randint = torch.randint
+    try:
+        torch.randint = lambda *args, **kw: rows  # type: ignore[assignment]
+        b = rb_sample(15, torch.Generator(), n_step=3, gamma=g)
+    finally:
+        torch.randint = torch_randint  # type: ignore[assignment]
+    R, disc, nxt, term = b.reward[:, 0], b.discount, b.next_obs[:, 0, 0], b.terminated
+    # env 0 at t = 0: 1 + 0.5 * 2 + 0.25 * 3, bootstrapping from the successor of t = 2 with 0.5^3
+    assert R[0] == pytest.approx(2.75) and disc[0] == pytest.approx(0.125) and nxt[0] == pytest.approx(3.0)
+    # env 1 at t = 0: its episode terminates after t = 1: 1 + 0.5 * 2, no bootstrap (terminated)
+    assert R[1] == pytest.approx(2.0) and disc[1] == pytest.approx(0.25) and term[1] == 1.0
+    # env 2 at t = 1: truncated after t = 2: 2 + 0.5 * 3, bootstrapping from the final obs 102.02
+    assert R[3 + 2] == pytest.approx(3.5) and term[5] == 0.0 and nxt[5] == pytest.approx(102.02)
+    # env 0 at t = 3: only t = 4 is newer: 4 + 0.5 * 5 with 0.5^2
+    assert R[9] == pytest.approx(6.5) and disc[9] == pytest.approx(0.25) and nxt[9] == pytest.approx(5.0)
+    # the newest rows stand alone; a cut (the runner reset the envs) stops returns like an episode end
+    assert R[12] == pytest.approx(5.0) and disc[12] == pytest.approx(0.5)
+    rb.add(obs_at(5.0), a, make_step(6.0))
+    rb.cut()
+    rb.add(obs_at(0.0), a, make_step(1.0))
+    torch.randint = lambda *args, **kw: torch.tensor([12])  # type: ignore[assignment]
+    try:
+        b = rb.sample(1, torch.Generator(), n_step=3, gamma=g)
+    finally:
+        torch.randint = torch_randint  # type: ignore[assignment]
+    assert b.reward[0, 0] == pytest.approx(5.0 + 0.5 * 6.0) and b.next_obs[0, 0, 0] == pytest.approx(6.0)
+
+
 def test_replay_state_dict_roundtrip_weights_only() -> None:
     rb = ReplayBuffer(spec(), capacity=8)
     for t in range(2):
@@ -98,7 +143,7 @@ def test_episode_replay_commits_pads_and_chunks() -> None:
     assert torch.allclose(d["obs"][row0, :3, 0, 0], torch.tensor([0.0, 1.0, 51.0]))  # successor = final
     row2 = lengths.index(4.0)
     assert d["terminated"][row2].sum() == 0  # a cut chunk bootstraps
-    assert torch.allclose(d["obs"][row2, 4, 0, 0], torch.tensor(53.02))
+    assert torch.allclose(d["obs"][row2, 4, 0, 0], torch.tensor(4.02))  # the next obs (no episode end)
     g = torch.Generator().manual_seed(1)
     b = er.sample(5, g)
     T = b.filled.shape[1]

@@ -51,7 +51,7 @@ class HADDPG(ActorCriticAlgorithm):
             q_next = self.q_values(self.target_critic, self.critic_x(batch.next_state, batch.next_obs),
                                    self.next_actions(batch))
             r = team_reward(batch.reward, cfg.team_reward)
-            y = td_target(r, batch.terminated, self.next_value(q_next), cfg.gamma)
+            y = td_target(r, batch.terminated, self.next_value(q_next), batch.discount)
         metrics = self.critic_update(batch, y.unsqueeze(-1).expand(-1, self.n_critics()))
         if self.actor_due():
             metrics.update(self.sequential_actor_update(batch, critic_index=0))

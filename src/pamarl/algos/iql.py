@@ -27,7 +27,7 @@ class IQL(ValueBasedAlgorithm):
 
     def loss(self, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # An agent that is gone at the successor has nothing to bootstrap from.
-        y = td_target(p["reward"], p["terminated"], p["q_next"] * p["next_active"], self.cfg.gamma)
+        y = td_target(p["reward"], p["terminated"], p["q_next"] * p["next_active"], p["discount"])
         w = p["active"] * p["weight"].unsqueeze(-1)
         loss = self.td_error_loss(p["q"] - y, w)
         return loss, {"train/target": (y * w).sum() / w.sum().clamp_min(1.0)}

@@ -66,7 +66,7 @@ class MADDPG(ActorCriticAlgorithm):
         with torch.no_grad():
             a_next = self.target_actions(batch.next_obs, batch.next_action_mask, batch.next_active)
             q_next = self.q_values(self.target_critic, self.critic_x(batch.next_state, batch.next_obs), a_next)
-            y = td_target(batch.reward, batch.terminated, q_next, self.cfg.gamma)  # per-agent rewards r_i
+            y = td_target(batch.reward, batch.terminated, q_next, batch.discount)  # per-agent rewards r_i
         metrics = self.critic_update(batch, y, weight=batch.active.float())
         metrics.update(self.actor_update(batch))
         return metrics

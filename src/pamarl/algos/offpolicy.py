@@ -50,6 +50,9 @@ class OffPolicyConfig:
 
     gamma: float = 0.99
     """Discount factor."""
+    n_step: int = 1
+    """Multi-step returns: sum up to n rewards of the same env copy (stopping at episode ends) before
+    bootstrapping (single-step transitions only, not with rnn=true)."""
     lr: float = 5e-4
     """Learning rate (Adam) of the Q-networks and mixer, or of the actors."""
     adam_eps: float = 1e-5
@@ -92,6 +95,8 @@ class OffPolicyConfig:
             raise UsageError("batch_size and buffer_size must be >= 1")
         if self.env_steps_per_update <= 0 or self.updates_per_iteration < 0 or self.target_update_interval < 0:
             raise UsageError("env_steps_per_update must be > 0; updates_per_iteration, target_update_interval >= 0")
+        if self.n_step < 1:
+            raise UsageError(f"n_step must be >= 1, got {self.n_step}")
         if self.team_reward not in ("mean", "sum"):
             raise UsageError(f"team_reward must be 'mean' or 'sum', got {self.team_reward!r}")
 
@@ -125,6 +130,8 @@ class ValueConfig(OffPolicyConfig):
             raise UsageError("eps_start and eps_finish must lie in [0, 1] and eps_anneal_steps be >= 0")
         if self.rnn and (self.episode_batch < 1 or self.max_seq_len < 1):
             raise UsageError("episode_batch and max_seq_len must be >= 1")
+        if self.rnn and self.n_step > 1:
+            raise UsageError("n_step > 1 works on single transitions; with rnn=true use n_step=1")
 
 
 @dataclass
@@ -153,16 +160,19 @@ class ActorCriticConfig(OffPolicyConfig):
 
 
 # ====================================================================== pure functions
-def td_target(reward: torch.Tensor, terminated: torch.Tensor, next_value: torch.Tensor, gamma: float) -> torch.Tensor:
-    """One-step TD target ``y = r + gamma * (1 - terminated) * V(s')``.
+def td_target(reward: torch.Tensor, terminated: torch.Tensor, next_value: torch.Tensor,
+              discount: float | torch.Tensor) -> torch.Tensor:
+    """TD target ``y = r + discount * (1 - terminated) * V(s')``.
 
     ``s'`` is the true successor (the ``final`` observation), so a truncated episode bootstraps and a
-    terminated one does not. ``terminated`` broadcasts from the left over trailing agent dims.
+    terminated one does not. ``discount`` is ``gamma``, or per sample ``gamma^m`` for an m-step return
+    ``r`` (then ``s'`` and ``terminated`` belong to the m-th step). ``terminated`` and a per-sample
+    ``discount`` broadcast from the left over trailing agent dims.
     """
-    d = terminated.to(reward.dtype)
-    while d.dim() < reward.dim():
-        d = d.unsqueeze(-1)
-    return reward + gamma * (1.0 - d) * next_value
+    g = discount * (1.0 - terminated.to(reward.dtype))
+    while g.dim() < reward.dim():
+        g = g.unsqueeze(-1)
+    return reward + g * next_value
 
 
 def masked_argmax(q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -282,6 +292,11 @@ class OffPolicyAlgorithm(Algorithm):
             return EpisodeReplay(self.spec, max(1, math.ceil(self.cfg.buffer_size / L)), L, self.num_envs, self.device)
         return ReplayBuffer(self.spec, max(self.cfg.buffer_size, self.num_envs), self.device)
 
+    def sample(self, batch_size: int) -> TransitionBatch | EpisodeBatch:
+        if isinstance(self.replay, ReplayBuffer):
+            return self.replay.sample(batch_size, self.generator, self.cfg.n_step, self.cfg.gamma)
+        return self.replay.sample(batch_size, self.generator)
+
     def batch_size(self) -> int:
         return int(getattr(self.cfg, "episode_batch", 1)) if self.recurrent else self.cfg.batch_size
 
@@ -301,6 +316,8 @@ class OffPolicyAlgorithm(Algorithm):
         """The runner resets the envs: cut running episodes (they bootstrap like a truncation)."""
         if isinstance(self.replay, EpisodeReplay):
             self.replay.flush()
+        else:
+            self.replay.cut()
 
     def learning(self) -> bool:
         return self.replay_steps >= max(1, self.cfg.learning_starts) and len(self.replay) > 0
@@ -332,7 +349,7 @@ class OffPolicyAlgorithm(Algorithm):
         counts: dict[str, int] = {}
         bs = self.batch_size()
         for _ in range(n):
-            batch = self.replay.sample(bs, self.generator)
+            batch = self.sample(bs)
             m = self.train_step(batch)
             self.updates += 1
             if self.sync_every_step:
@@ -511,7 +528,8 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
                 nm = batch.action_mask[:, 1:]
                 q_next = double_q_value(q_all[:, 1:].detach(), q_t, nm) if cfg.double_q else max_q_value(q_t, nm)
             return {"q": q, "q_next": q_next, "reward": batch.reward, "terminated": batch.terminated,
-                    "active": batch.active[:, :-1].float(), "next_active": batch.active[:, 1:].float(),
+                    "discount": torch.full_like(batch.terminated, cfg.gamma), "active": batch.active[:, :-1].float(),
+                    "next_active": batch.active[:, 1:].float(),
                     "state": batch.state[:, :-1], "next_state": batch.state[:, 1:], "weight": batch.filled}
         B = batch.obs.shape[0]
         if cfg.double_q:  # one forward for both the chosen and the successor's online values
@@ -525,7 +543,7 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
             nm = batch.next_action_mask
             q_next = double_q_value(q_on_next, q_t, nm) if cfg.double_q else max_q_value(q_t, nm)
         return {"q": q, "q_next": q_next, "reward": batch.reward, "terminated": batch.terminated,
-                "active": batch.active.float(), "next_active": batch.next_active.float(),
+                "discount": batch.discount, "active": batch.active.float(), "next_active": batch.next_active.float(),
                 "state": batch.state, "next_state": batch.next_state, "weight": torch.ones(B, device=q.device)}
 
     def td_error_loss(self, err: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -542,7 +560,7 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
         q_tot = self.mixer(p["q"] * p["active"], p["state"])
         with torch.no_grad():
             q_tot_next = self.target_mixer(p["q_next"] * p["next_active"], p["next_state"])
-            y = td_target(team_reward(p["reward"], self.cfg.team_reward), p["terminated"], q_tot_next, self.cfg.gamma)
+            y = td_target(team_reward(p["reward"], self.cfg.team_reward), p["terminated"], q_tot_next, p["discount"])
         loss = self.td_error_loss(q_tot - y, p["weight"])
         w = p["weight"]
         return loss, {"train/q_tot": (q_tot.detach() * w).sum() / w.sum(), "train/target": (y * w).sum() / w.sum()}

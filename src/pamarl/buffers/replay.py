@@ -8,7 +8,12 @@ Episode boundaries. ``BatchStep.final`` is the true last observation of an episo
 (equal to ``next`` otherwise), so the stored successor of a transition is always read from ``final``.
 A target bootstraps from it unless the episode *terminated*: a time-limit truncation (and a cut made
 by the runner when it resets the envs at a checkpoint) keeps the bootstrap term
-``gamma * Q(s', .)``, a termination drops it. Only ``terminated`` is stored for that reason.
+``gamma * Q(s', .)``, a termination drops it.
+
+Multi-step returns (:meth:`ReplayBuffer.sample` with ``n_step > 1``) are computed when sampling: the
+rows of one env copy are ``E`` apart in the ring, so the return follows a row's own stream forward
+``R = sum_{k<m} gamma^k r_{t+k}`` until ``n`` steps, an episode end (terminated, truncated or cut), or the
+newest row, and bootstraps from the successor of the last row used with ``gamma^m``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class TransitionBatch:
     next_state: torch.Tensor  # [B, state_dim]
     next_action_mask: torch.Tensor  # [B, N, act_dim] bool
     next_active: torch.Tensor  # [B, N] bool
+    discount: torch.Tensor  # [B]: gamma^m, m the number of rewards summed in ``reward`` (1 unless n-step)
 
 
 @dataclass
@@ -92,10 +98,12 @@ class ReplayBuffer:
         fields["action"] = _action_shape(spec)
         fields["reward"] = ((spec.n_agents,), torch.float32)
         fields["terminated"] = ((), torch.float32)
+        fields["done"] = ((), torch.bool)  # the episode ended after this row (n-step returns stop there)
         self.data = {k: torch.zeros((self.capacity, *shape), dtype=dt, device=self.device)
                      for k, (shape, dt) in fields.items()}
         self.ptr = 0
         self.size = 0
+        self.stride = 0  # env copies per add: a row's next step in the same env copy is ``stride`` rows on
 
     def __len__(self) -> int:
         return self.size
@@ -105,6 +113,9 @@ class ReplayBuffer:
         e = obs.obs.shape[0]
         if e > self.capacity:
             raise ValueError(f"replay capacity {self.capacity} is smaller than one step of {e} env copies")
+        if self.stride not in (0, e):
+            raise ValueError(f"replay rows come {self.stride} env copies at a time, got {e}")
+        self.stride = e
         idx = (self.ptr + torch.arange(e, device=self.device)) % self.capacity
         d, dev = self.data, self.device
         for k in ("obs", "state", "action_mask", "active"):
@@ -113,25 +124,57 @@ class ReplayBuffer:
         d["action"][idx] = action.to(dev, d["action"].dtype)
         d["reward"][idx] = step.reward.to(dev, torch.float32)
         d["terminated"][idx] = step.terminated.to(dev, torch.float32)
+        d["done"][idx] = (step.terminated | step.truncated).to(dev)
         self.ptr = (self.ptr + e) % self.capacity
         self.size = min(self.size + e, self.capacity)
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> TransitionBatch:
-        """``batch_size`` rows drawn uniformly with replacement (indices from ``generator``, on the CPU)."""
+    def cut(self) -> None:
+        """Mark the newest rows as episode ends (the runner reset the envs); they still bootstrap."""
+        if self.size and self.stride:
+            idx = (self.ptr - 1 - torch.arange(self.stride, device=self.device)) % self.capacity
+            self.data["done"][idx] = True
+
+    def sample(self, batch_size: int, generator: torch.Generator, n_step: int = 1, gamma: float = 0.99
+               ) -> TransitionBatch:
+        """``batch_size`` rows drawn uniformly with replacement (indices from ``generator``, on the CPU).
+
+        With ``n_step > 1`` the rewards are n-step discounted sums and the successor fields (``next_*``,
+        ``terminated``) those of the last row summed; ``discount`` is ``gamma^m`` for the ``m`` rewards summed.
+        """
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
         idx = torch.randint(0, self.size, (batch_size,), generator=generator).to(self.device)
-        return TransitionBatch(**{k: v[idx] for k, v in self.data.items()})
+        d = self.data
+        discount = torch.full((batch_size,), float(gamma), device=self.device)
+        last = idx
+        reward = d["reward"][idx]
+        if n_step > 1 and self.stride:
+            age = (self.ptr - 1 - idx) % self.capacity  # 0 for the newest row
+            alive = ~d["done"][idx]
+            for k in range(1, n_step):
+                ok = alive & (age >= k * self.stride)  # the env copy's k-th next step exists and follows on
+                if not bool(ok.any()):
+                    break
+                nxt = (idx + k * self.stride) % self.capacity
+                okf = ok.to(reward.dtype)
+                reward = reward + (gamma**k) * okf.unsqueeze(-1) * d["reward"][nxt]
+                last = torch.where(ok, nxt, last)
+                discount = torch.where(ok, torch.full_like(discount, gamma ** (k + 1)), discount)
+                alive = ok & ~d["done"][nxt]
+        fields = {k: v[idx] for k, v in d.items() if not k.startswith("next_") and k not in ("terminated", "done")}
+        fields.update({k: v[last] for k, v in d.items() if k.startswith("next_") or k == "terminated"})
+        fields["reward"] = reward
+        return TransitionBatch(**fields, discount=discount)
 
     def state_dict(self) -> dict[str, Any]:
         """The filled part only (tensors and ints, loadable with ``weights_only=True``)."""
-        return {"ptr": self.ptr, "size": self.size, "capacity": self.capacity,
+        return {"ptr": self.ptr, "size": self.size, "capacity": self.capacity, "stride": self.stride,
                 "data": {k: v[: self.size].cpu().clone() for k, v in self.data.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["capacity"]) != self.capacity:
             raise ValueError(f"replay capacity {state['capacity']} in the checkpoint, {self.capacity} configured")
-        self.ptr, self.size = int(state["ptr"]), int(state["size"])
+        self.ptr, self.size, self.stride = int(state["ptr"]), int(state["size"]), int(state["stride"])
         for k, v in self.data.items():
             v.zero_()
             v[: self.size] = state["data"][k].to(self.device)
