@@ -367,6 +367,60 @@ def test_epsilon_greedy_only_picks_allowed_actions() -> None:
     assert set(g.unique().tolist()) <= {1, 3}
 
 
+
+def test_recurrent_eval_state_restarts_with_each_evaluation_and_episode() -> None:
+    """The runner does not report evaluation episode ends, so recurrent agents restart their evaluation
+    state when an evaluation begins (after training steps) and every ``episode_limit`` steps; with the
+    optional ``on_eval_step`` hook the real episode ends are used."""
+    sp = spec()  # episode_limit = 5
+    algo = make("qmix", sp, rnn=True, rnn_hidden=8)
+    obs = BatchObs(torch.randn(2, 2, 3), torch.randn(2, 4), torch.ones(2, 2, 3, dtype=torch.bool),
+                   torch.ones(2, 2, dtype=torch.bool))
+    algo.act(obs, explore=True)
+    hs = []
+    for _ in range(7):
+        algo.act(obs, explore=False)
+        hs.append(algo.h_eval.clone())
+    assert torch.allclose(hs[5], hs[0]) and not torch.allclose(hs[1], hs[0])
+    algo.act(obs, explore=True)  # training in between: the next evaluation starts afresh
+    algo.act(obs, explore=False)
+    assert torch.allclose(algo.h_eval, hs[0])
+    from pamarl.envs.base import BatchStep
+
+    done = torch.tensor([True, False])
+    algo.on_eval_step(BatchStep(next=obs, final=obs, reward=torch.zeros(2, 2), cost=None, terminated=done,
+                                truncated=torch.zeros(2, dtype=torch.bool)))
+    assert (algo.h_eval[0] == 0).all() and (algo.h_eval[1] != 0).any()
+
+
+def _tiny_tasks(kinds: tuple[str, ...]) -> list[str]:
+    tasks = []
+    if "discrete" in kinds:  # heterogeneous agents: padded observations and masked padded actions
+        tasks += ["matrix/penalty?steps=2", "mpe/simple_speaker_listener_v4"]
+    if "continuous" in kinds:  # heterogeneous action widths: padded dimensions held at zero
+        tasks += ["mpe/simple_speaker_listener_v4?continuous=true"]
+    return tasks
+
+
+REGISTRY_CASES = [(name, task) for name in OFF_POLICY for task in _tiny_tasks(get_algorithm(name).action_kinds)]
+REGISTRY_CASES += [("qmix-rnn", "mpe/simple_speaker_listener_v4"), ("iql-rnn", "matrix/penalty?steps=3")]
+REGISTRY_CASES += [pytest.param(name, "mamujoco/HalfCheetah-2x3", marks=pytest.mark.mujoco)
+                   for name in OFF_POLICY if "continuous" in get_algorithm(name).action_kinds]
+
+
+@pytest.mark.parametrize("name,task", REGISTRY_CASES)
+def test_every_algorithm_runs_on_every_family_it_supports(tmp_path: Path, name: str, task: str) -> None:
+    if task.startswith("mamujoco"):
+        pytest.importorskip("mujoco")
+    algo = name.split("-")[0]
+    extra = {"rnn": True, "episode_batch": 4} if name.endswith("rnn") else {}
+    cfg = get_algorithm(algo).Config(hidden=(16,), batch_size=16, learning_starts=100, **extra)
+    res = train(quick(tmp_path, name, algo=algo, env=task, steps=300, num_envs=2, eval_episodes=2), cfg)
+    last = rows(res.run_dir)[-1]
+    losses = [k for k in last if k.startswith("loss/") and last[k] not in ("", None)]
+    assert losses and all(math.isfinite(float(last[k])) for k in losses)
+    assert float(last["train/buffer_size"]) > 0 and "eval/return_mean" in res.final_eval
+
 # ---------------------------------------------------------------------- checkpoints and resume
 RESUME_CASES = {
     "qmix": ("mpe/simple_spread_v3", {"n_step": 2}),  # n-step returns stop at the checkpoint's cut
