@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -193,13 +193,14 @@ def test_vdn_mixer_sums() -> None:
 
 def test_qmixer_matches_hand_computed_value() -> None:
     mix = QMixer(n_agents=2, state_dim=1, embed_dim=1, hypernet_layers=1)
+    linear = lambda m: cast(torch.nn.Linear, m)  # noqa: E731 - one-layer hypernetworks are Linear
     with torch.no_grad():
         for p in mix.parameters():
             p.zero_()
-        mix.hyper_w1.bias.copy_(torch.tensor([-2.0, 3.0]))  # |W1| = [2, 3]
-        mix.hyper_b1.bias.fill_(-1.0)
-        mix.hyper_w2.bias.fill_(-0.5)  # |W2| = 0.5
-        mix.hyper_b2[2].bias.fill_(4.0)
+        linear(mix.hyper_w1).bias.copy_(torch.tensor([-2.0, 3.0]))  # |W1| = [2, 3]
+        linear(mix.hyper_b1).bias.fill_(-1.0)
+        linear(mix.hyper_w2).bias.fill_(-0.5)  # |W2| = 0.5
+        linear(cast(torch.nn.Sequential, mix.hyper_b2)[2]).bias.fill_(4.0)
     qs = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
     out = mix(qs, torch.zeros(2, 1))
     h0 = 2 * 1 + 3 * 1 - 1  # = 4 -> elu 4
@@ -402,7 +403,8 @@ def _tiny_tasks(kinds: tuple[str, ...]) -> list[str]:
     return tasks
 
 
-REGISTRY_CASES = [(name, task) for name in OFF_POLICY for task in _tiny_tasks(get_algorithm(name).action_kinds)]
+REGISTRY_CASES: list[Any] = [(name, task) for name in OFF_POLICY
+                             for task in _tiny_tasks(get_algorithm(name).action_kinds)]
 REGISTRY_CASES += [("qmix-rnn", "mpe/simple_speaker_listener_v4"), ("iql-rnn", "matrix/penalty?steps=3")]
 REGISTRY_CASES += [pytest.param(name, "mamujoco/HalfCheetah-2x3", marks=pytest.mark.mujoco)
                    for name in OFF_POLICY if "continuous" in get_algorithm(name).action_kinds]
@@ -422,7 +424,7 @@ def test_every_algorithm_runs_on_every_family_it_supports(tmp_path: Path, name: 
     assert float(last["train/buffer_size"]) > 0 and "eval/return_mean" in res.final_eval
 
 # ---------------------------------------------------------------------- checkpoints and resume
-RESUME_CASES = {
+RESUME_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "qmix": ("mpe/simple_spread_v3", {"n_step": 2}),  # n-step returns stop at the checkpoint's cut
     "qmix-rnn": ("mpe/simple_spread_v3", {"rnn": True, "episode_batch": 4}),  # running episodes cut mid-way
     "iql-shared": ("matrix/penalty?steps=3", {"share_params": True}),
@@ -442,8 +444,8 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.Mo
     name = case.split("-")[0]
     cls = get_algorithm(name)
     cfg = cls.Config(hidden=(16,), batch_size=32, learning_starts=150, env_steps_per_update=25, **extra)
-    kw = dict(algo=name, env=env, steps=800, rollout_len=10 if "rnn" in case else 25, checkpoint_every=3,
-              eval_every=3, eval_episodes=4)
+    kw: dict[str, Any] = dict(algo=name, env=env, steps=800, rollout_len=10 if "rnn" in case else 25,
+                              checkpoint_every=3, eval_every=3, eval_episodes=4)
     train(quick(tmp_path, "full", **kw), cfg)
 
     real_update = cls.update
@@ -506,7 +508,7 @@ def test_value_decomposition_solves_mild_penalty_game(tmp_path: Path, name: str)
 
 SPREAD = "mpe/simple_spread_v3"
 SPREAD_C = "mpe/simple_spread_v3?continuous=true"
-LEARNING_CASES = {
+LEARNING_CASES: dict[str, tuple[int, str, dict[str, Any]]] = {
     # budget, env, config. A shorter horizon (gamma = 0.95 over 25-step episodes), a faster learning rate
     # and n-step returns let every learner show progress within a CI budget; the defaults learn too, slower.
     "qmix": (20_000, SPREAD, {"gamma": 0.95, "lr": 1e-3, "eps_anneal_steps": 10_000, "n_step": 3}),

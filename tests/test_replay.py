@@ -14,9 +14,10 @@ N, E, OB, A, S = 2, 3, 4, 3, 5
 
 
 def spec(discrete: bool = True, limit: int | None = None) -> EnvSpec:
-    kw = {} if discrete else {"action_low": ((-1.0,) * A,) * N, "action_high": ((1.0,) * A,) * N}
+    bounds = None if discrete else ((-1.0,) * A,) * N
     return EnvSpec(agent_ids=("a", "b"), obs_dims=(OB, OB), state_dim=S, action_kind="discrete" if discrete else
-                   "continuous", action_dims=(A, A), episode_limit=limit, **kw)
+                   "continuous", action_dims=(A, A), episode_limit=limit, action_low=bounds,
+                   action_high=None if bounds is None else ((1.0,) * A,) * N)
 
 
 def obs_at(v: float) -> BatchObs:
@@ -74,7 +75,7 @@ def test_ring_wraps_and_sampling_shapes() -> None:
     assert torch.allclose(b.next_obs[:, 0, 0].floor(), b.obs[:, 0, 0].floor() + 1)
 
 
-def test_n_step_returns_follow_each_env_stream_and_stop_at_episode_ends() -> None:
+def test_n_step_returns_follow_each_env_stream_and_stop_at_episode_ends(monkeypatch: pytest.MonkeyPatch) -> None:
     rb = ReplayBuffer(spec(), capacity=30)
     a = torch.zeros(E, N, dtype=torch.long)
     # rewards r_t = t + 1 in every env; env 1 terminates after step 1, env 2 is truncated after step 2
@@ -83,21 +84,16 @@ def test_n_step_returns_follow_each_env_stream_and_stop_at_episode_ends() -> Non
         term, trunc = ends.get(t, ([False] * E, [False] * E))
         rb.add(obs_at(float(t)), a, make_step(float(t + 1), final=100.0 + t, term=term, trunc=trunc))
     g = 0.5
-    rows = torch.arange(15)
-    rb_sample = rb.sample  # sample every row once, in order, by patching the index draw
-    torch_randint = torch.randint
-    try:
-        torch.randint = lambda *args, **kw: rows  # type: ignore[assignment]
-        b = rb_sample(15, torch.Generator(), n_step=3, gamma=g)
-    finally:
-        torch.randint = torch_randint  # type: ignore[assignment]
-    R, disc, nxt, term = b.reward[:, 0], b.discount, b.next_obs[:, 0, 0], b.terminated
+    # sample every row once, in order: patch the index draw
+    monkeypatch.setattr(torch, "randint", lambda *args, **kw: torch.arange(15))
+    b = rb.sample(15, torch.Generator(), n_step=3, gamma=g)
+    R, disc, nxt, ended = b.reward[:, 0], b.discount, b.next_obs[:, 0, 0], b.terminated
     # env 0 at t = 0: 1 + 0.5 * 2 + 0.25 * 3, bootstrapping from the successor of t = 2 with 0.5^3
     assert R[0] == pytest.approx(2.75) and disc[0] == pytest.approx(0.125) and nxt[0] == pytest.approx(3.0)
     # env 1 at t = 0: its episode terminates after t = 1: 1 + 0.5 * 2, no bootstrap (terminated)
-    assert R[1] == pytest.approx(2.0) and disc[1] == pytest.approx(0.25) and term[1] == 1.0
+    assert R[1] == pytest.approx(2.0) and disc[1] == pytest.approx(0.25) and ended[1] == 1.0
     # env 2 at t = 1: truncated after t = 2: 2 + 0.5 * 3, bootstrapping from the final obs 102.02
-    assert R[3 + 2] == pytest.approx(3.5) and term[5] == 0.0 and nxt[5] == pytest.approx(102.02)
+    assert R[3 + 2] == pytest.approx(3.5) and ended[5] == 0.0 and nxt[5] == pytest.approx(102.02)
     # env 0 at t = 3: only t = 4 is newer: 4 + 0.5 * 5 with 0.5^2
     assert R[9] == pytest.approx(6.5) and disc[9] == pytest.approx(0.25) and nxt[9] == pytest.approx(5.0)
     # the newest rows stand alone; a cut (the runner reset the envs) stops returns like an episode end
@@ -105,11 +101,8 @@ def test_n_step_returns_follow_each_env_stream_and_stop_at_episode_ends() -> Non
     rb.add(obs_at(5.0), a, make_step(6.0))
     rb.cut()
     rb.add(obs_at(0.0), a, make_step(1.0))
-    torch.randint = lambda *args, **kw: torch.tensor([12])  # type: ignore[assignment]
-    try:
-        b = rb.sample(1, torch.Generator(), n_step=3, gamma=g)
-    finally:
-        torch.randint = torch_randint  # type: ignore[assignment]
+    monkeypatch.setattr(torch, "randint", lambda *args, **kw: torch.tensor([12]))
+    b = rb.sample(1, torch.Generator(), n_step=3, gamma=g)
     assert b.reward[0, 0] == pytest.approx(5.0 + 0.5 * 6.0) and b.next_obs[0, 0, 0] == pytest.approx(6.0)
 
 

@@ -1,6 +1,6 @@
 """HADDPG: heterogeneous-agent DDPG, a single centralised critic and sequentially updated actors.
 
-Zhong, Kuba et al. 2024, "Heterogeneous-Agent Reinforcement Learning" (JMLR), section 5.4 (HAML
+Zhong, Kuba et al. 2024, "Heterogeneous-Agent Reinforcement Learning" (JMLR), section 3.5 (HAML
 instances: HADDPG, HATD3), built on Lemma 15 / Algorithm 2 (the HAML template): one joint critic
 ``Q(s, a)`` on the team reward,
 ``L(phi) = E[(Q(s, a) - (r + gamma * (1 - d) * Q^-(s', mu^-(o'))))^2]``; then, in a random

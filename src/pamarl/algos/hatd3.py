@@ -1,6 +1,6 @@
 """HATD3: heterogeneous-agent TD3, HADDPG with TD3's three fixes.
 
-Zhong, Kuba et al. 2024, "Heterogeneous-Agent Reinforcement Learning" (JMLR), section 5.4, applying
+Zhong, Kuba et al. 2024, "Heterogeneous-Agent Reinforcement Learning" (JMLR), section 3.5, applying
 Fujimoto et al. 2018, "Addressing Function Approximation Error in Actor-Critic Methods" (TD3) to the
 HAML template of :mod:`pamarl.algos.haddpg`:
 

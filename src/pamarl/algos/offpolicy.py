@@ -28,7 +28,7 @@ import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -206,16 +206,20 @@ def linear_schedule(start: float, finish: float, steps: int, t: int) -> float:
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """Polyak averaging ``theta' <- tau * theta + (1 - tau) * theta'`` (DDPG, Lillicrap et al. 2016)."""
     with torch.no_grad():
-        tp = list(target.parameters())
+        tp: list[torch.Tensor] = list(target.parameters())
         if tp:  # a parameter-free module (VDN's sum) has nothing to average
-            torch._foreach_lerp_(tp, list(source.parameters()), tau)
+            sp: list[torch.Tensor] = list(source.parameters())
+            torch._foreach_lerp_(tp, sp, tau)
 
 
 def hard_update(target: nn.Module, source: nn.Module) -> None:
     target.load_state_dict(source.state_dict())
 
 
-def frozen_copy(module: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def frozen_copy(module: M) -> M:
     """A target network: a copy that never receives gradients."""
     t = copy.deepcopy(module)
     for p in t.parameters():
@@ -234,7 +238,8 @@ def _clip(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
     params = [p for p in params if p.grad is not None]
     if max_norm > 0:
         return nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
+    grads = [cast(torch.Tensor, p.grad) for p in params]
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
 
 
 # ====================================================================== template
@@ -284,7 +289,8 @@ class OffPolicyAlgorithm(Algorithm):
         return bool(getattr(self.cfg, "rnn", False))
 
     def max_seq_len(self) -> int:
-        return int(self.spec.episode_limit or getattr(self.cfg, "max_seq_len", 100))
+        limit = self.spec.episode_limit
+        return int(limit) if limit else int(getattr(self.cfg, "max_seq_len", 100))
 
     def make_replay(self) -> ReplayBuffer | EpisodeReplay:
         if self.recurrent:
@@ -431,6 +437,7 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
         self.targets = [(self.qnet, self.target_qnet)]
         params = list(self.qnet.parameters())
         self.mixer = self.make_mixer()
+        self.target_mixer: nn.Module | None = None
         if self.mixer is not None:
             self.mixer.to(self.device)
             self.target_mixer = frozen_copy(self.mixer)
@@ -556,7 +563,7 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
 
         Inactive agents enter the mixer with a zero utility. Subclasses without a mixer override this.
         """
-        assert self.mixer is not None
+        assert self.mixer is not None and self.target_mixer is not None
         q_tot = self.mixer(p["q"] * p["active"], p["state"])
         with torch.no_grad():
             q_tot_next = self.target_mixer(p["q_next"] * p["next_active"], p["next_state"])
@@ -690,7 +697,7 @@ class ActorCriticAlgorithm(OffPolicyAlgorithm):
     # ------------------------------------------------------------------ HA sequential actor update
     def sequential_actor_update(self, batch: TransitionBatch, critic_index: int = 0) -> dict[str, torch.Tensor]:
         """HADDPG/HATD3 actor step (Zhong et al. 2024, "Heterogeneous-Agent Reinforcement Learning",
-        JMLR, Algorithm 4 / the HAML template, Algorithm 2): agents draw a random order
+        JMLR, Lemma 15 and the HAML template, Algorithm 2): agents draw a random order
         ``i_1..i_n`` (:func:`pamarl.algos.schedules.sequential`); agent ``i_m`` maximises
         ``Q(s, a_{i_1:m-1} = mu_new(o), a_{i_m} = mu_{i_m}(o), a_rest = mu_old(o))``, i.e. the agents updated
         before it act with their *new* policies, the others with their current ones, and its own action

@@ -8,6 +8,7 @@ one batched product, keeps each agent's weights as separate parameters (one netw
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ class AgentGRUCell(nn.Module):
 
     def recurrent_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_h. [N, H, 3H]`` and ``b_h. [N, 1, 3H]`` for :meth:`recur`."""
-        layers = [net.layers[0] for net in self.hh.nets]
+        layers = [cast(nn.Linear, cast(nn.ModuleList, net.layers)[0]) for net in self.hh.nets]
         w = torch.stack([la.weight for la in layers]).transpose(1, 2)
         b = torch.stack([la.bias for la in layers]).unsqueeze(1)
         if self.shared:
@@ -132,6 +133,10 @@ class DeterministicActor(nn.Module):
     zero; :meth:`to_env` maps them into the env's bounds exactly as :meth:`pamarl.nets.policy.Actor.to_env`
     does. Discrete: the outputs are logits (MADDPG's Gumbel-softmax relaxation works on them).
     """
+
+    dim_mask: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
 
     def __init__(self, spec: EnvSpec, hidden: Sequence[int] = (64, 64), activation: str = "relu",
                  shared: bool = False, agent_id: bool = True):
