@@ -123,7 +123,8 @@ class ValueConfig(OffPolicyConfig):
     rnn_hidden: int = 64
     """GRU width."""
     episode_batch: int = 32
-    """Episodes per gradient step with rnn=true."""
+    """Episodes per gradient step with rnn=true (32 x 25-step MPE episodes = 800 transitions: raise
+    env_steps_per_update, e.g. to 25, to keep the replay ratio of the single-transition default)."""
     max_seq_len: int = 100
     """Longest stored sequence with rnn=true on tasks without an episode limit (longer episodes are cut)."""
 
