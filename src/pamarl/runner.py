@@ -175,7 +175,9 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
           quiet: bool = False) -> TrainResult:
     """Train ``run.algo`` on ``run.env``; resume from ``run_dir/checkpoints/latest.pt`` with ``resume``."""
     if algo_cfg is None:
-        algo_cfg = get_algorithm(run.algo).Config()
+        saved = Path(run.run_dir or "") / "config.yaml"
+        # A resumed run keeps the algorithm config it was started with, not the defaults.
+        algo_cfg = load_run_config(run.run_dir)[1] if resume and saved.is_file() else get_algorithm(run.algo).Config()
     torch.set_num_threads(max(1, run.torch_threads))
     _seed_everything(run.seed)
     run_dir = Path(run.run_dir) if run.run_dir else default_run_dir(run)

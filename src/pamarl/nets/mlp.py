@@ -75,6 +75,9 @@ class AgentMLP(nn.Module):
 
         Without autograd (acting, every env step) the stacks are cached and rebuilt only when a
         parameter changed (its in-place version counter moved), which saves the copies per step.
+        Optimisers must therefore update parameters through ordinary in-place tensor ops (the default
+        and ``foreach`` torch.optim paths do); ``fused=True`` kernels do not bump the version counter
+        and would leave acting on stale weights.
         """
         def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
             return [
