@@ -16,6 +16,28 @@ Metrics = dict[str, float | str]
 
 
 @dataclass
+class LearnerConfig:
+    """Hyperparameters every learning algorithm has; each family's config extends this one."""
+
+    lr: float = 5e-4
+    """Learning rate (Adam) of the actors, or of the Q-networks and mixer."""
+    adam_eps: float = 1e-5
+    """Adam epsilon."""
+    gamma: float = 0.99
+    """Discount factor."""
+    max_grad_norm: float = 10.0
+    """Gradient norm clip per agent (0 disables)."""
+    hidden: tuple[int, ...] = (128, 128)
+    """Hidden layer sizes of the agent networks and critics."""
+    activation: str = "relu"
+    """relu, tanh or elu."""
+    share_params: bool = False
+    """One network for all agents (default: one per agent)."""
+    agent_id: bool = False
+    """With share_params, append a one-hot agent id to the network inputs."""
+
+
+@dataclass
 class ActOut:
     """Actions for the env plus whatever the algorithm wants to store with the transition."""
 

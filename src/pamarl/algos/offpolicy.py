@@ -33,7 +33,7 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import nn
 
-from pamarl.algos.base import ActOut, Algorithm, Metrics, Progress
+from pamarl.algos.base import ActOut, Algorithm, LearnerConfig, Metrics, Progress
 from pamarl.algos.schedules import sequential
 from pamarl.buffers.replay import EpisodeBatch, EpisodeReplay, ReplayBuffer, TransitionBatch
 from pamarl.config import TrainConfig
@@ -45,18 +45,12 @@ from pamarl.nets.qnets import AgentQNet, DeterministicActor, masked_logits
 
 # ====================================================================== configuration
 @dataclass
-class OffPolicyConfig:
+class OffPolicyConfig(LearnerConfig):
     """Hyperparameters shared by the off-policy family."""
 
-    gamma: float = 0.99
-    """Discount factor."""
     n_step: int = 1
     """Multi-step returns: sum up to n rewards of the same env copy (stopping at episode ends) before
     bootstrapping (single-step transitions only, not with rnn=true)."""
-    lr: float = 5e-4
-    """Learning rate (Adam) of the Q-networks and mixer, or of the actors."""
-    adam_eps: float = 1e-5
-    """Adam epsilon."""
     batch_size: int = 256
     """Transitions per gradient step."""
     buffer_size: int = 100_000
@@ -71,14 +65,8 @@ class OffPolicyConfig:
     """Soft target update theta' <- tau * theta + (1 - tau) * theta' after every gradient step."""
     target_update_interval: int = 0
     """Copy the networks into the targets every this many gradient steps instead (0: soft updates)."""
-    max_grad_norm: float = 10.0
-    """Gradient norm clip (0 disables)."""
     hidden: tuple[int, ...] = (64, 64)
     """Hidden layer sizes of the agent networks and critics."""
-    activation: str = "relu"
-    """relu, tanh or elu."""
-    share_params: bool = False
-    """One network for all agents (default: one per agent)."""
     agent_id: bool = True
     """With share_params, append a one-hot agent id to the agent networks' inputs."""
     team_reward: str = "mean"

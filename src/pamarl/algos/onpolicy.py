@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pamarl.algos.base import ActOut, Algorithm, Metrics, Progress
+from pamarl.algos.base import ActOut, Algorithm, LearnerConfig, Metrics, Progress
 from pamarl.algos.schedules import Plan, factor_stats, run_schedule, simultaneous
 from pamarl.buffers.rollout import RolloutBuffer, ValueNorm, flatten_rollout, gae
 from pamarl.config import TrainConfig
@@ -26,17 +26,11 @@ from pamarl.nets.policy import Actor
 
 
 @dataclass
-class OnPolicyConfig:
+class OnPolicyConfig(LearnerConfig):
     """Hyperparameters shared by the on-policy family (defaults follow HARL's MPE settings)."""
 
-    lr: float = 5e-4
-    """Actor learning rate (Adam)."""
     critic_lr: float = 5e-4
     """Critic learning rate (Adam)."""
-    adam_eps: float = 1e-5
-    """Adam epsilon."""
-    gamma: float = 0.99
-    """Discount factor."""
     gae_lambda: float = 0.95
     """GAE lambda."""
     epochs: int = 5
@@ -49,8 +43,6 @@ class OnPolicyConfig:
     """PPO ratio clip epsilon."""
     entropy_coef: float = 0.01
     """Entropy bonus weight."""
-    max_grad_norm: float = 10.0
-    """Gradient norm clip per agent (0 disables)."""
     value_clip: float = 0.2
     """Value clipping range around the old prediction (0 disables)."""
     huber_delta: float = 10.0
@@ -59,14 +51,6 @@ class OnPolicyConfig:
     """Normalise value targets with running statistics (MAPPO's ValueNorm)."""
     adv_norm: bool = True
     """Normalise advantages per agent over the batch."""
-    hidden: tuple[int, ...] = (128, 128)
-    """Hidden layer sizes of actors and critics."""
-    activation: str = "relu"
-    """relu, tanh or elu."""
-    share_params: bool = False
-    """One actor and one critic network for all agents (default: one per agent)."""
-    agent_id: bool = False
-    """With share_params, append a one-hot agent id to the network inputs."""
     critic_input: str = "state"
     """What V_i sees: 'state' (centralised), 'obs' (local, IPPO) or 'state+obs'."""
     lr_anneal: bool = False
