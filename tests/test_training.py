@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -72,6 +73,11 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     assert len(_rows(tmp_path / "cut")) == 3  # iteration 3 was logged but is past the checkpoint
     train(cut, resume=True)
     assert _rows(tmp_path / "cut") == _rows(tmp_path / "full")
+    # Per-episode evaluation log: the evaluation at iteration 3 of the interrupted attempt is dropped.
+    episodes = (tmp_path / "cut" / "eval_episodes.jsonl").read_text()
+    assert episodes == (tmp_path / "full" / "eval_episodes.jsonl").read_text()
+    assert [json.loads(ln)["iteration"] for ln in episodes.splitlines()] == [3, 6]
+    assert all(len(json.loads(ln)["returns"]) == 4 for ln in episodes.splitlines())
 
 
 def test_mappo_beats_random_on_simple_spread(tmp_path):

@@ -1,5 +1,9 @@
 """Run logging: ``metrics.csv`` (always), TensorBoard event files (optional), same keys in both.
 
+Each evaluation's episodes (team return and cost of every episode, not just their mean) go to
+``eval_episodes.jsonl``, one JSON object per evaluation: ``{"iteration", "env_steps", "returns",
+"costs"?}``. Metrics such as the constraint satisfaction rate are computed from it (``pamarl compare``).
+
 One CSV row per iteration. Columns appear as keys first appear (evaluation columns on the first
 evaluation row, say); the file is then rewritten with the wider header, atomically, so it is a valid
 CSV at every moment. String values (e.g. ``sched/critical = "2;0"``) go to the CSV and to
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -32,6 +37,20 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file; a truncated last line (a crash mid-write) is ignored."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
 class MetricsLogger:
     """Append-only metrics log over CSV and TensorBoard."""
 
@@ -47,6 +66,12 @@ class MetricsLogger:
                 header = next(csv.reader(f), [])
             self.columns = header or self.columns
             self._rewrite()
+        self.episodes_path = run_dir / "eval_episodes.jsonl"
+        if resume_iteration is not None and self.episodes_path.exists():
+            keep = [ln for ln in read_jsonl(self.episodes_path) if int(ln["iteration"]) <= resume_iteration]
+            atomic_write_text(self.episodes_path, "".join(json.dumps(ln) + "\n" for ln in keep))
+        elif resume_iteration is None and self.episodes_path.exists():
+            self.episodes_path.unlink()
         self.tb = None
         if tensorboard:
             try:
@@ -90,6 +115,12 @@ class MetricsLogger:
                     self.tb.add_scalar(k, float(v), step)
                 elif isinstance(v, str):
                     self.tb.add_text(k, v, step)
+
+    def log_eval_episodes(self, iteration: int, env_steps: int, episodes: dict[str, list[float]]) -> None:
+        """Append one evaluation's per-episode returns (and costs) to ``eval_episodes.jsonl``."""
+        line = {"iteration": iteration, "env_steps": env_steps, **episodes}
+        with open(self.episodes_path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def close(self) -> None:
         if self.tb is not None:

@@ -68,11 +68,13 @@ def build_configs(values: dict[str, Any], config_file: str | None = None) -> tup
 
 
 def cost_limit(run: TrainConfig) -> float:
-    """The run's cost limit, or the env family's default, or 25 per episode."""
+    """The run's cost limit, or the env family's default for the task (e.g. scaled to its episode
+    length on safe MaMuJoCo), or 25 per episode."""
     if run.cost_limit is not None:
         return float(run.cost_limit)
-    fam, _, _ = resolve(run.env)
-    return float(fam.default_cost_limit if fam.default_cost_limit is not None else DEFAULT_COST_LIMIT)
+    fam, _, params = resolve(run.env)
+    default = fam.cost_limit(params)
+    return float(default if default is not None else DEFAULT_COST_LIMIT)
 
 
 def env_seed(seed: int, iteration: int) -> int:
@@ -88,11 +90,14 @@ def default_run_dir(run: TrainConfig) -> Path:
 # ---------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(algo: Algorithm, env: BatchedEnv, episodes: int, seed: int, deterministic: bool = True,
-             limit: float | None = None, max_steps: int = 100_000) -> dict[str, float]:
+             limit: float | None = None, max_steps: int = 100_000,
+             record: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Play ``episodes`` whole episodes; report team return, length, cost, coordination.
 
     Coordination rho is the mean Pearson correlation over agent pairs of the per-step log-probability
-    of the action taken (``specs/progressive.md``), over all evaluation steps.
+    of the action taken (``specs/progressive.md``), over all evaluation steps. With ``record``, each
+    episode's team return (and cost, on tasks with one) is appended to ``record["returns"]``
+    (``record["costs"]``), for metrics that need the episodes rather than their mean.
     """
     obs = env.reset(seed=seed)
     finished: list[Any] = []
@@ -110,6 +115,10 @@ def evaluate(algo: Algorithm, env: BatchedEnv, episodes: int, seed: int, determi
     if not finished:
         return {}
     rets = np.array([e.team_return for e in finished])
+    if record is not None:
+        record.setdefault("returns", []).extend(float(r) for r in rets)
+        if env.spec.has_cost:
+            record.setdefault("costs", []).extend(float(e.cost) for e in finished)
     res = {
         "eval/return_mean": float(rets.mean()),
         "eval/return_std": float(rets.std()),
@@ -268,9 +277,11 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
             row.update(metrics)
             last = it + 1 == total_iters
             if last or (run.eval_every > 0 and (it + 1) % run.eval_every == 0):
+                episodes_rec: dict[str, list[float]] = {}
                 final_eval = evaluate(algo, eval_env, run.eval_episodes, seed=env_seed(run.seed + 1, it + 1),
-                                      deterministic=run.eval_deterministic, limit=limit)
+                                      deterministic=run.eval_deterministic, limit=limit, record=episodes_rec)
                 row.update(final_eval)
+                logger.log_eval_episodes(it + 1, env_steps, episodes_rec)
             logger.log(row)
             if last or (run.checkpoint_every > 0 and (it + 1) % run.checkpoint_every == 0):
                 payload = {

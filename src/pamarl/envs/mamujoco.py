@@ -482,5 +482,7 @@ register_family(
         make_single=make_safe_mamujoco,
         extra="mujoco",
         default_cost_limit=DEFAULT_COST_LIMIT,
+        # The same 2.5 % of the steps when ?episode_limit= shortens the episode.
+        cost_limit_for=lambda params: scaled_cost_limit(int(params.get("episode_limit", DEFAULT_EPISODE_LIMIT))),
     )
 )

@@ -46,6 +46,15 @@ class EnvFamily:
     """The optional dependency group (``pip install pamarl[extra]``) the family needs, if any."""
     default_cost_limit: float | None = None
     """Per-episode cost limit used when a run does not set ``cost_limit`` (tasks with a cost)."""
+    cost_limit_for: Callable[[dict[str, Any]], float] | None = None
+    """The default cost limit for given id parameters (e.g. scaled to ``?episode_limit=``); wins over
+    ``default_cost_limit`` when set."""
+
+    def cost_limit(self, params: dict[str, Any]) -> float | None:
+        """The default per-episode cost limit of a task with these id parameters (None: no default)."""
+        if self.cost_limit_for is not None:
+            return float(self.cost_limit_for(params))
+        return self.default_cost_limit
 
 
 _FAMILIES: dict[str, EnvFamily] = {}
