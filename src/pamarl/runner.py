@@ -3,7 +3,11 @@
 Every algorithm, on- or off-policy, runs through :func:`train`. An iteration is ``rollout_len``
 steps of ``num_envs`` env copies followed by one ``algo.update``. The team return logged as
 ``train/return_mean`` is the mean, over the episodes that finished during the iteration, of the
-undiscounted sum over agents of their episode returns.
+undiscounted sum over agents of their episode returns. ``train/coordination`` is the coordination
+rho of :func:`pamarl.metrics.coordination` over the iteration's rollout (sampled actions), for
+algorithms whose acting reports log-probabilities; ``eval/coordination`` is the same over the
+evaluation steps (greedy actions: undefined for continuous actions, whose greedy log-probability is
+constant).
 
 Exact resume: at every checkpoint the training envs are re-seeded (from the run seed and the
 iteration) and reset, so the state to restore is only what the checkpoint holds (parameters,
@@ -253,10 +257,16 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
     t_start = time.perf_counter() - wall0
     obs = env.reset(seed=env_seed(run.seed, it0))
     try:
+        n_agents = env.spec.n_agents
         for it in range(it0, total_iters):
             episodes = []
+            logps: list[torch.Tensor] = []
             for _ in range(run.rollout_len):
                 out = algo.act(obs, explore=True)
+                if n_agents > 1 and "logp" in out.extras:
+                    # NaN for agents that are not acting (dead, padded): left out of the correlation.
+                    lp = out.extras["logp"].reshape(-1, n_agents).float().cpu()
+                    logps.append(torch.where(obs.active.reshape(-1, n_agents).cpu(), lp, torch.nan))
                 st = env.step(out.env_action)
                 algo.observe(obs, out, st)
                 episodes.extend(st.episodes)
@@ -274,6 +284,10 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
                     row["cost/episode_mean"] = float(np.mean([e.cost for e in episodes]))
                 first_ret = row["train/return_mean"] if first_ret is None else first_ret
                 last_ret = row["train/return_mean"]
+            if logps:
+                from pamarl.metrics import coordination
+
+                row["train/coordination"] = coordination(torch.cat(logps).numpy())
             row.update(metrics)
             last = it + 1 == total_iters
             if last or (run.eval_every > 0 and (it + 1) % run.eval_every == 0):
