@@ -84,10 +84,12 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset(
         algos=PAPER_ALGOS,
         envs=(
-            # Multi-Agent MuJoCo with 2 to 8 agents; 5000 iterations of 8 x 200 steps: the top of the
-            # design document's "1000-5000 training rounds" (HARL uses 10M steps on these tasks).
+            # Multi-Agent MuJoCo with 2 to 8 agents (MaMuJoCo's Ant splits into at most 4; the 8-agent
+            # ant is its ManySegmentAnt). 5000 iterations of 8 x 200 steps: the top of the design
+            # document's "1000-5000 training rounds" (HARL uses 10M steps on these tasks).
             *(EnvPlan(f"mamujoco/{t}", 8_000_000, _MUJOCO)
-              for t in ("HalfCheetah-2x3", "HalfCheetah-6x1", "Ant-2x4", "Ant-4x2", "Ant-8x1", "Walker2d-2x3")),
+              for t in ("HalfCheetah-2x3", "HalfCheetah-6x1", "Ant-2x4", "Ant-4x2", "ManySegmentAnt-8x1",
+                        "Walker2d-2x3")),
             # Their safe variants (velocity cost; limit 25 per 1000-step episode).
             *(EnvPlan(f"safe-mamujoco/{t}", 8_000_000, _MUJOCO) for t in ("HalfCheetah-2x3", "Ant-2x4")),
             # Discrete-action MPE, where QMIX runs too.
@@ -136,6 +138,8 @@ class Job:
     run_dir: Path
     config: dict[str, dict[str, Any]]
     """``{"run": ..., "algo": ...}`` exactly as the run will be configured."""
+    auto_eval: bool = False
+    """``eval_every`` was derived from the budget (``--evals``), not set: a longer budget may change it."""
     state: str = "new"
     """new | resume | done (decided by :func:`inspect_job`)."""
     done_steps: int = 0
@@ -214,12 +218,15 @@ def build_plan(out: Path, algos: list[str], envs: list[EnvPlan], seeds: list[int
         get_algorithm(a)  # unknown names fail here, before anything runs
     jobs: list[Job] = []
     skipped: list[tuple[str, str, str]] = []
+    from pamarl.envs.registry import missing_extra
+
     for ep in envs:
-        try:
-            spec = _env_spec(ep.env)
-        except UsageError as e:
-            skipped.extend((a, ep.env, str(e)) for a in algos)
+        extra = missing_extra(ep.env)  # a wrong env id is an error, not a skip
+        if extra is not None:
+            why = f"the env needs an optional dependency that is not installed: pip install 'pamarl[{extra}]'"
+            skipped.extend((a, ep.env, why) for a in algos)
             continue
+        spec = _env_spec(ep.env)
         for a in algos:
             cls = get_algorithm(a)
             try:
@@ -233,23 +240,24 @@ def build_plan(out: Path, algos: list[str], envs: list[EnvPlan], seeds: list[int
                 run, algo_cfg = build_configs(values)
             except UsageError as e:
                 raise UsageError(f"{a} on {ep.env}: {e} (scope a key to one algorithm with ALGO:key=value)") from e
-            if "eval_every" not in common and "eval_every" not in scoped.get(a, {}):
+            auto = "eval_every" not in {**ep.overrides, **common, **scoped.get(a, {})}
+            if auto:
                 iters = math.ceil(run.steps / (run.num_envs * run.rollout_len))
                 run = dataclasses.replace(run, eval_every=max(1, round(iters / max(1, evals))))
             for s in seeds:
                 d = out / "runs" / a / slug(ep.env) / f"seed{s}"
                 r = dataclasses.replace(run, seed=s, run_dir=str(d))
-                jobs.append(Job(a, ep.env, s, r.steps, d, {"run": to_dict(r), "algo": to_dict(algo_cfg)}))
+                jobs.append(Job(a, ep.env, s, r.steps, d, {"run": to_dict(r), "algo": to_dict(algo_cfg)}, auto))
     # Seed-major order: the first seed of every combination finishes first, so an interrupted
     # comparison already has a (one-seed) report of everything.
     jobs.sort(key=lambda j: seeds.index(j.seed))
     return Plan(out, jobs, skipped, algos, [e.env for e in envs], seeds, {e.env: e.steps for e in envs})
 
 
-def _diff(saved: dict[str, Any], planned: dict[str, Any], prefix: str) -> list[str]:
+def _diff(saved: dict[str, Any], planned: dict[str, Any], prefix: str, ignore: tuple[str, ...] = ()) -> list[str]:
     out = []
     for k in sorted(set(saved) | set(planned)):
-        if k in IGNORED_IN_CHECK:
+        if k in IGNORED_IN_CHECK or k in ignore:
             continue
         a, b = saved.get(k), planned.get(k)
         if isinstance(a, list | tuple):
@@ -274,7 +282,8 @@ def inspect_job(job: Job) -> None:
         return
     if cfg.is_file():
         saved = yaml.safe_load(cfg.read_text()) or {}
-        diffs = _diff(saved.get("run", {}), job.config["run"], "")
+        # A resumed run keeps its own evaluation interval when compare chose it from the budget.
+        diffs = _diff(saved.get("run", {}), job.config["run"], "", ("eval_every",) if job.auto_eval else ())
         diffs += _diff(saved.get("algo", {}), job.config["algo"], "algo ")
         if diffs:
             raise UsageError(

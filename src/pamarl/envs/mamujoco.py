@@ -147,7 +147,6 @@ TASKS = {
     "Ant-2x4": "2 agents: front legs / back legs, 4 joints each",
     "Ant-2x4d": "2 agents: diagonal leg pairs",
     "Ant-4x2": "4 agents, one leg (2 joints) each",
-    "Ant-8x1": "8 agents, one joint each",
     "Walker2d-2x3": "2 agents: one leg each",
     "Hopper-3x1": "3 agents: thigh, leg, foot",
     "Humanoid-9|8": "2 agents: upper body (9 joints) / lower body (8 joints)",

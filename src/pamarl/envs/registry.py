@@ -136,6 +136,19 @@ def resolve(env_id: str) -> tuple[EnvFamily, str, dict[str, Any]]:
     return fam, task, params
 
 
+def missing_extra(env_id: str) -> str | None:
+    """The optional dependency group an env id needs but lacks here (``"mujoco"``), else None.
+
+    Raises :class:`UsageError` for an id that is wrong (unknown family or task), so callers can tell
+    "cannot run on this install" from "typo".
+    """
+    fam_name = parse_env_id(env_id)[0]
+    if fam_name in _BUILTIN_MODULES and _load(fam_name) is None:
+        return _extra_of(fam_name)
+    resolve(env_id)
+    return None
+
+
 def _extra_of(family: str) -> str:
     return {"mamujoco": "mujoco", "safe-mamujoco": "mujoco", "magent": "magent"}.get(family, family)
 
