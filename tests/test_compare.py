@@ -1,7 +1,7 @@
 """``pamarl compare`` and ``pamarl plot``: the smoke preset end to end, resume, skips, errors, metrics of a run.
 
 The smoke preset is the whole pipeline (parallel training processes, metrics, report, plots) at a budget
-of about a minute on 2 cores; its numbers mean nothing, the test checks the pipeline, not learning.
+of about two minutes on 2 cores; its numbers mean nothing, the test checks the pipeline, not learning.
 """
 
 from __future__ import annotations
@@ -85,6 +85,12 @@ def test_smoke_preset_runs_whole_pipeline(smoke, capsys):
     out = capsys.readouterr().out
     assert f"{combos * n_seeds} finished, 0 to resume, 0 to start" in out
     assert (smoke / "summary.csv").read_text() == before
+    # --report-only rewrites the report with the same numbers and shows the command that reproduces it.
+    assert main(["compare", "--preset", "smoke", "--out", str(smoke), "--workers", "2", "--report-only"]) == 0
+    assert (smoke / "summary.csv").read_text() == before
+    report = (smoke / "report.md").read_text()
+    assert f"Command: `pamarl compare --preset smoke --out {smoke} --workers 2`" in report
+    assert "of training-process time in all" in report
 
 
 def test_plot_command(smoke, tmp_path, capsys):
@@ -250,3 +256,14 @@ def test_seed_band_is_mean_and_t_interval():
     # Seeds evaluated at different steps are interpolated onto the shortest run's grid.
     xs, m, _, _ = seed_band([(x, np.array([0.0, 1.0, 2.0])), (np.array([0.0, 2.0, 4.0]), np.array([0.0, 2.0, 4.0]))])
     assert np.allclose(xs, x) and np.allclose(m, [0.0, 1.0, 2.0])
+
+
+def test_expected_throughput_prefers_the_task_then_the_family():
+    from pamarl.compare import THROUGHPUT, expected_throughput
+
+    assert expected_throughput("onpolicy", "mamujoco/Ant-4x2?episode_limit=200") == THROUGHPUT[("onpolicy",
+                                                                                                 "mamujoco/Ant-4x2")]
+    # A safe task without its own measurement uses the plain family's figure.
+    assert expected_throughput("offpolicy", "safe-mamujoco/Walker2d-2x3") == THROUGHPUT[("offpolicy", "mamujoco")]
+    assert expected_throughput("onpolicy", "mpe/simple_tag_v3") == THROUGHPUT[("onpolicy", "mpe")]
+    assert expected_throughput("onpolicy", "pettingzoo/some.module:env") == 800.0

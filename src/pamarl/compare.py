@@ -116,16 +116,58 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-# Env steps per second of one run on the 2-core machine with another run beside it (measured with
-# `pamarl compare`; see benchmarks/README.md). Used only for --dry-run's time estimate.
+# Env steps per second of one training run on the 2-core machine with a second run beside it (as
+# `pamarl compare --workers 2` runs them), used only for --dry-run's time estimate. benchmarks/README.md
+# has the commands that measured them.
 THROUGHPUT: dict[tuple[str, str], float] = {
-    ("onpolicy", "mpe"): 1_600.0,
-    ("offpolicy", "mpe"): 450.0,
-    ("onpolicy", "mamujoco"): 800.0,
-    ("offpolicy", "mamujoco"): 250.0,
-    ("onpolicy", "matrix"): 5_000.0,
-    ("offpolicy", "matrix"): 1_000.0,
+    # Per task: steady state (from the second iteration on) of 16k-step probes, progressive for on-policy
+    # and MADDPG for off-policy, 8 envs x 200 steps, the paper preset's settings.
+    ("onpolicy", "mamujoco/HalfCheetah-2x3"): 2_380.0,
+    ("onpolicy", "mamujoco/HalfCheetah-6x1"): 1_220.0,
+    ("onpolicy", "mamujoco/Ant-2x4"): 870.0,
+    ("onpolicy", "mamujoco/Ant-4x2"): 710.0,
+    ("onpolicy", "mamujoco/ManySegmentAnt-8x1"): 270.0,
+    ("onpolicy", "mamujoco/Walker2d-2x3"): 1_060.0,
+    ("onpolicy", "safe-mamujoco/HalfCheetah-2x3"): 1_270.0,
+    ("onpolicy", "safe-mamujoco/Ant-2x4"): 745.0,
+    ("onpolicy", "mpe/simple_spread_v3"): 1_280.0,
+    ("onpolicy", "mpe/simple_reference_v3"): 2_510.0,
+    ("onpolicy", "mpe/simple_speaker_listener_v4"): 2_720.0,
+    ("offpolicy", "mamujoco/HalfCheetah-2x3"): 627.0,
+    ("offpolicy", "mamujoco/HalfCheetah-6x1"): 235.0,
+    ("offpolicy", "mamujoco/Ant-2x4"): 373.0,
+    ("offpolicy", "mamujoco/Ant-4x2"): 216.0,
+    ("offpolicy", "mamujoco/ManySegmentAnt-8x1"): 93.0,
+    ("offpolicy", "mamujoco/Walker2d-2x3"): 463.0,
+    ("offpolicy", "safe-mamujoco/HalfCheetah-2x3"): 489.0,
+    ("offpolicy", "safe-mamujoco/Ant-2x4"): 350.0,
+    ("offpolicy", "mpe/simple_spread_v3"): 394.0,
+    ("offpolicy", "mpe/simple_reference_v3"): 406.0,
+    ("offpolicy", "mpe/simple_speaker_listener_v4"): 556.0,
+    # Per family, for other tasks: the README comparison's 100k-step runs (evaluations included), and
+    # single runs on the matrix games.
+    ("onpolicy", "mpe"): 1_250.0,
+    ("offpolicy", "mpe"): 330.0,
+    ("onpolicy", "mamujoco"): 650.0,
+    ("offpolicy", "mamujoco"): 220.0,
+    ("onpolicy", "matrix"): 4_600.0,
+    ("offpolicy", "matrix"): 750.0,
 }
+
+
+def expected_throughput(kind: str, env: str) -> float:
+    """Env steps/s of one run of an ``onpolicy``/``offpolicy`` algorithm on ``env``, from :data:`THROUGHPUT`.
+
+    The task's own measurement when there is one (query parameters ignored), else its family's (a safe
+    family falls back to the plain one), else 800.
+    """
+    from pamarl.envs.registry import parse_env_id
+
+    fam, task, _ = parse_env_id(env)
+    for key in (f"{fam}/{task}", fam, fam.removeprefix("safe-")):
+        if (kind, key) in THROUGHPUT:
+            return THROUGHPUT[(kind, key)]
+    return 800.0
 
 
 # ----------------------------------------------------------------------------- plan
@@ -579,6 +621,21 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
     path.write_text(buf.getvalue())
 
 
+def _training_seconds(plan: Plan) -> float:
+    """Sum of the finished runs' wall seconds (``summary.json``): the comparison's cost in process time."""
+    import json
+
+    total = 0.0
+    for j in plan.jobs:
+        if j.state != "done":
+            continue
+        try:
+            total += float(json.loads((j.run_dir / "summary.json").read_text()).get("wall_s", 0.0))
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def _budget_lines(plan: Plan) -> list[str]:
     out = []
     for env in plan.envs:
@@ -597,6 +654,7 @@ def _report_markdown(plan: Plan, command: str, table: str, plots: list[tuple[str
     import torch
 
     n_done = sum(j.state == "done" for j in plan.jobs)
+    train_s = _training_seconds(plan)
     lines = [
         "# pamarl comparison",
         "",
@@ -607,7 +665,8 @@ def _report_markdown(plan: Plan, command: str, table: str, plots: list[tuple[str
         + (f"; this invocation ran for {wall_s / 60:.1f} min." if wall_s is not None else "."),
         "",
         f"Algorithms: {', '.join(plan.algos)}. Seeds: {', '.join(map(str, plan.seeds))}. "
-        f"Runs finished: {n_done} of {len(plan.jobs)}.",
+        f"Runs finished: {n_done} of {len(plan.jobs)}"
+        + (f", {_human(train_s)} of training-process time in all (sum of the runs' wall_s)." if train_s else "."),
         "",
         "Budget:",
         "",
@@ -669,15 +728,13 @@ def _estimate(plan: Plan, workers: int) -> float:
     """Expected wall seconds of the runs left, from :data:`THROUGHPUT`."""
     from pamarl.algos.onpolicy import OnPolicyAlgorithm
     from pamarl.algos.registry import get_algorithm
-    from pamarl.envs.registry import parse_env_id
 
     total = 0.0
     for j in plan.jobs:
         if j.state == "done":
             continue
         kind = "onpolicy" if issubclass(get_algorithm(j.algo), OnPolicyAlgorithm) else "offpolicy"
-        fam = parse_env_id(j.env)[0].replace("safe-", "")
-        total += (j.steps - j.done_steps) / THROUGHPUT.get((kind, fam), 800.0) + 5.0  # + process start
+        total += (j.steps - j.done_steps) / expected_throughput(kind, j.env) + 5.0  # + process start
     return total / max(1, min(workers, os.cpu_count() or 1))
 
 
@@ -735,7 +792,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = build_plan(out, algos, env_plans, seeds, common, scoped, evals)
     for j in plan.jobs:
         inspect_job(j)
-    command = "pamarl compare " + shlex.join(argv)
+    # The command that reproduces this report: rerunning it trains what is missing and rewrites the report,
+    # so flags that change neither the runs nor the numbers are left out of what the report shows.
+    command = "pamarl compare " + shlex.join([a for a in argv if a not in ("--report-only", "--quiet")])
 
     n_done = sum(j.state == "done" for j in plan.jobs)
     n_resume = sum(j.state == "resume" for j in plan.jobs)

@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ METRICS = {
 """Short names accepted by ``--metric`` (any ``metrics.csv`` column works too)."""
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works without a display
@@ -140,7 +141,7 @@ def plot_schedule(runs: Sequence[RunData], out: str | Path) -> Path | None:
         return None
     grouped = group(sched)
     plt = _pyplot()
-    fig, axes = plt.subplots(len(grouped), 2, figsize=(10.4, 3.4 * len(grouped)), squeeze=False)
+    fig, axes = plt.subplots(len(grouped), 2, figsize=(10.4, 3.7 * len(grouped)), squeeze=False)
     order: list[str] = []
     for (env, algos), (ax_a, ax_k) in zip(grouped.items(), axes):
         for algo, rs in algos.items():
@@ -150,8 +151,9 @@ def plot_schedule(runs: Sequence[RunData], out: str | Path) -> Path | None:
             r = rs[0]  # alpha and k follow the iteration count only: identical over seeds
             ax_a.plot(*r.column("sched/alpha"), color=c, label=algo)
             ax_k.step(*r.column("sched/k"), where="post", color=c, label=f"{algo} (N={r.n_agents})")
-        ax_a.set_title(f"{env}: critical share alpha", fontsize=10)
-        ax_k.set_title(f"{env}: critical agents k = max(1, floor(N alpha))", fontsize=10)
+        # Env ids can be long (safe-mamujoco/...?episode_limit=200): two-line titles keep panels apart.
+        ax_a.set_title(f"{env}\ncritical share alpha", fontsize=9)
+        ax_k.set_title(f"{env}\ncritical agents k = max(1, floor(N alpha))", fontsize=9)
         for ax, yl in ((ax_a, "alpha"), (ax_k, "k")):
             ax.set_xlabel("env steps")
             ax.set_ylabel(yl)
