@@ -103,7 +103,7 @@ def _list(args: argparse.Namespace) -> int:
             print(f"[{title}]")
             docs = field_docs(dc)
             for f in dataclasses.fields(dc):
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
                 print(f"  {f.name} = {default!r}\n      {docs.get(f.name, '')}")
         return 0
     print("Algorithms:")
@@ -193,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\npamarl: interrupted; the latest checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output piped into `head` and closed early: not an error. Point stdout at devnull so the
+        # interpreter's final flush does not raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -257,7 +257,8 @@ class Convergence(NamedTuple):
     """
 
     step: float
-    index: int
+    # The field name shadows tuple.index on purpose (public, documented API); mypy flags any override.
+    index: int  # type: ignore[assignment]
     r_initial: float
     r_final: float
     target: float

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from pamarl.errors import UsageError
 
@@ -19,15 +20,15 @@ def record_episode(algo: Any, env_id: str, out: str, seed: int = 0, deterministi
     from pamarl.envs.registry import make_env, resolve
 
     fam, _, _ = resolve(env_id)
-    kw = {"render_mode": "rgb_array"} if fam.name in ("mpe", "mamujoco", "safe-mamujoco") else {}
+    kw: dict[str, Any] = {"render_mode": "rgb_array"} if fam.name in ("mpe", "mamujoco", "safe-mamujoco") else {}
     env = make_env(env_id, num_envs=1, seed=seed, **kw)
     try:
         obs = env.reset(seed=seed)
-        frames = []
+        raw: list[np.ndarray | None] = []
         first = env.render(0)
         if first is None:
             raise UsageError(f"env {env_id!r} cannot render frames (no renderer for this family or no GL backend)")
-        frames.append(first)
+        raw.append(first)
         ret = 0.0
         with torch.no_grad():
             for _ in range(max_steps):
@@ -36,13 +37,13 @@ def record_episode(algo: Any, env_id: str, out: str, seed: int = 0, deterministi
                 if st.episodes:
                     ret = st.episodes[0].team_return
                     break
-                frames.append(env.render(0))
+                raw.append(env.render(0))
                 obs = st.next
     finally:
         env.close()
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames = [np.asarray(f, np.uint8) for f in frames if f is not None]
+    frames: list[ArrayLike] = [np.asarray(f, np.uint8) for f in raw if f is not None]
     if path.suffix.lower() == ".gif":
         imageio.mimsave(path, frames, duration=1.0 / fps, loop=0)
     else:

@@ -24,7 +24,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -180,8 +180,14 @@ def make_algorithm(run: TrainConfig, algo_cfg: Any, spec: EnvSpec) -> Algorithm:
     return algo_cls(spec, algo_cfg, run, torch.device(run.device))
 
 
+def _np_legacy_state() -> tuple[str, np.ndarray, int, int, float]:
+    # The global RandomState is an MT19937, whose legacy state is this tuple; numpy's stub types the
+    # no-argument call as a dict.
+    return cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
+
+
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": random.getstate()}
+    return {"torch": torch.get_rng_state(), "numpy": _np_legacy_state()[1].tolist(), "python": random.getstate()}
 
 
 def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoint: str | None = None,
@@ -190,7 +196,7 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
     if algo_cfg is None:
         saved = Path(run.run_dir or "") / "config.yaml"
         # A resumed run keeps the algorithm config it was started with, not the defaults.
-        algo_cfg = load_run_config(run.run_dir)[1] if resume and saved.is_file() else get_algorithm(run.algo).Config()
+        algo_cfg = load_run_config(saved.parent)[1] if resume and saved.is_file() else get_algorithm(run.algo).Config()
     torch.set_num_threads(max(1, run.torch_threads))
     _seed_everything(run.seed)
     run_dir = Path(run.run_dir) if run.run_dir else default_run_dir(run)
@@ -227,7 +233,7 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
                 raise CheckpointError(f"checkpoint does not match this run's algorithm/env: {e}") from e
             it0, env_steps, wall0 = int(state["iteration"]), int(state["env_steps"]), float(state["wall_s"])
             torch.set_rng_state(state["rng"]["torch"])
-            np_state = np.random.get_state()
+            np_state = _np_legacy_state()
             np.random.set_state((np_state[0], np.array(state["rng"]["numpy"], dtype=np.uint32), *np_state[2:]))
             py = state["rng"]["python"]
             random.setstate((py[0], tuple(py[1]), py[2]))

@@ -9,6 +9,7 @@ schedule) and then fits every agent's critic. Subclasses override only what make
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,14 +150,14 @@ class OnPolicyAlgorithm(Algorithm):
             p += self.cost_critic.net.agent_parameters(i)
         return p
 
-    def _opt(self, opts: list[torch.optim.Optimizer], i: int) -> torch.optim.Optimizer:
+    def _opt(self, opts: Sequence[torch.optim.Optimizer], i: int) -> torch.optim.Optimizer:
         return opts[0 if self.cfg.share_params else i]
 
     def _reduce(self, per_agent: torch.Tensor) -> torch.Tensor:
         """Sum of per-agent losses (separate networks: each gets its own gradient) or their mean (shared)."""
         return per_agent.mean() if self.cfg.share_params else per_agent.sum()
 
-    def _clip_and_step(self, opts: list[torch.optim.Optimizer], params_of: Any, agents: list[int]) -> float:
+    def _clip_and_step(self, opts: Sequence[torch.optim.Optimizer], params_of: Any, agents: list[int]) -> float:
         groups = [0] if self.cfg.share_params else agents
         norms = []
         for g in groups:
@@ -166,7 +167,7 @@ class OnPolicyAlgorithm(Algorithm):
             opts[g].step()
         return sum(norms) / max(1, len(norms))
 
-    def _zero(self, opts: list[torch.optim.Optimizer], agents: list[int]) -> None:
+    def _zero(self, opts: Sequence[torch.optim.Optimizer], agents: list[int]) -> None:
         for g in [0] if self.cfg.share_params else agents:
             opts[g].zero_grad(set_to_none=True)
 

@@ -55,6 +55,11 @@ class ValueNorm(nn.Module):
     ``max(s / d - (m / d)^2, 1e-2)``. One statistic per trailing feature (e.g. per agent).
     """
 
+    # Buffers registered in __init__ (declared here so the type checker sees tensors, not Module | Tensor).
+    running_mean: torch.Tensor
+    running_mean_sq: torch.Tensor
+    debiasing_term: torch.Tensor
+
     def __init__(self, shape: int | tuple[int, ...], beta: float = 0.99999, eps: float = 1e-5):
         super().__init__()
         self.beta = beta
@@ -164,9 +169,11 @@ class RolloutBuffer:
         d.done[t] = step.terminated | step.truncated
         d.next_obs[t] = step.final.obs
         d.next_state[t] = step.final.state
-        if d.cost is not None:
+        if d.cost is not None and d.cost_value is not None:  # allocated together (with_cost)
+            if cost_value is None:
+                raise ValueError("RolloutBuffer.add: this buffer stores costs, so cost_value must be given")
             d.cost[t] = step.cost if step.cost is not None else 0.0
-            d.cost_value[t] = cost_value  # type: ignore[index]
+            d.cost_value[t] = cost_value
         self.t += 1
 
     @property

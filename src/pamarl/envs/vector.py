@@ -11,7 +11,7 @@ import contextlib
 import multiprocessing as mp
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -76,7 +76,8 @@ class EnvGroup:
             "next": _stack_obs(nxt),
             "final": _stack_obs(fin),
             "reward": np.stack(rewards).astype(np.float32),
-            "cost": None if costs[0] is None else np.stack(costs).astype(np.float32),
+            # The envs of one group share a spec, so either all report a cost or none does.
+            "cost": None if costs[0] is None else np.stack(cast("list[np.ndarray]", costs)).astype(np.float32),
             "terminated": np.asarray(term, bool),
             "truncated": np.asarray(trunc, bool),
             "episodes": episodes,

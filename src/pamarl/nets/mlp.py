@@ -10,12 +10,17 @@ stack is cheap next to the product itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
 
-ACTIVATIONS = {"relu": nn.functional.relu, "tanh": torch.tanh, "elu": nn.functional.elu}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": nn.functional.relu,
+    "tanh": torch.tanh,
+    "elu": nn.functional.elu,
+}
 
 
 def _init_linear(layer: nn.Linear, gain: float) -> nn.Linear:
@@ -30,6 +35,10 @@ class _MLP(nn.Module):
         dims = [in_dim, *hidden]
         self.layers = nn.ModuleList(_init_linear(nn.Linear(a, b), act_gain) for a, b in zip(dims[:-1], dims[1:]))
         self.layers.append(_init_linear(nn.Linear(dims[-1], out_dim), out_gain))
+
+    def linear(self, j: int) -> nn.Linear:
+        """Layer ``j`` (``nn.ModuleList`` indexes to a plain ``nn.Module`` for the type checker)."""
+        return cast(nn.Linear, self.layers[j])
 
 
 class AgentMLP(nn.Module):
@@ -66,6 +75,10 @@ class AgentMLP(nn.Module):
         self.n_layers = len(hidden) + 1
         self._cache: dict[tuple[int, ...], tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
+    def _net(self, i: int) -> _MLP:
+        # self.nets only ever holds _MLPs; nn.ModuleList indexes to a plain nn.Module.
+        return cast(_MLP, self.nets[i])
+
     def agent_parameters(self, i: int) -> list[nn.Parameter]:
         """Parameters that agent ``i``'s output depends on (all of them when shared)."""
         return list(self.nets[0 if self.shared else i].parameters())
@@ -81,8 +94,8 @@ class AgentMLP(nn.Module):
         """
         def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
             return [
-                (torch.stack([self.nets[i].layers[j].weight for i in idx]).transpose(1, 2),
-                 torch.stack([self.nets[i].layers[j].bias for i in idx]).unsqueeze(1))
+                (torch.stack([self._net(i).linear(j).weight for i in idx]).transpose(1, 2),
+                 torch.stack([self._net(i).linear(j).bias for i in idx]).unsqueeze(1))
                 for j in range(self.n_layers)
             ]
 
@@ -108,7 +121,7 @@ class AgentMLP(nn.Module):
             x = torch.cat([x, eye.expand(*lead, k, self.n_agents)], -1)
         if self.shared:
             h = x
-            net = self.nets[0]
+            net = self._net(0)
             for j, layer in enumerate(net.layers):
                 h = layer(h)
                 if j < self.n_layers - 1:
@@ -116,7 +129,7 @@ class AgentMLP(nn.Module):
             return h
         h = x.reshape(-1, k, x.shape[-1]).transpose(0, 1)  # [k, B, in]
         if k == 1:  # a single agent: plain linear layers, no stacking
-            net = self.nets[idx[0]]
+            net = self._net(idx[0])
             for j, layer in enumerate(net.layers):
                 h = layer(h)
                 if j < self.n_layers - 1:

@@ -25,6 +25,11 @@ _LOG_2PI = math.log(2 * math.pi)
 class Actor(nn.Module):
     """All agents' policies pi_i(a_i | o_i), evaluated together over any subset of agents."""
 
+    # Buffers registered in __init__ (declared here so the type checker sees tensors, not Module | Tensor).
+    dim_mask: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+
     def __init__(
         self,
         spec: EnvSpec,
