@@ -27,7 +27,7 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # `make test` distributes whole files (--dist loadfile): trained once
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "smoke"
     assert main(["compare", "--preset", "smoke", "--out", str(out), "--workers", "2", "--quiet"]) == 0
