@@ -607,7 +607,9 @@ def write_report(plan: Plan, command: str, wall_s: float | None = None,
                                             f"{sps:,.0f}" if math.isfinite(sps) else "n/a"]) + " |")
     table = "\n".join(lines)
 
-    md = _report_markdown(plan, command, table, plots, wall_s, failed or [])
+    # The comparison's cost in process time: the runs' own wall_s (summary.json, read by run_metrics_of).
+    train_s = sum(r["wall_s"] for r in per_run if math.isfinite(r["wall_s"]))
+    md = _report_markdown(plan, command, table, plots, wall_s, train_s, failed or [])
     (out / "report.md").write_text(md)
     return Report(out / "report.md", table, [p for _, p in plots], summary_rows)
 
@@ -619,21 +621,6 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
     for r in rows:
         w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
     path.write_text(buf.getvalue())
-
-
-def _training_seconds(plan: Plan) -> float:
-    """Sum of the finished runs' wall seconds (``summary.json``): the comparison's cost in process time."""
-    import json
-
-    total = 0.0
-    for j in plan.jobs:
-        if j.state != "done":
-            continue
-        try:
-            total += float(json.loads((j.run_dir / "summary.json").read_text()).get("wall_s", 0.0))
-        except (OSError, ValueError):
-            continue
-    return total
 
 
 def _budget_lines(plan: Plan) -> list[str]:
@@ -650,11 +637,11 @@ def _budget_lines(plan: Plan) -> list[str]:
 
 
 def _report_markdown(plan: Plan, command: str, table: str, plots: list[tuple[str, Path]], wall_s: float | None,
+                     train_s: float,
                      failed: list[tuple[Job, str]]) -> str:
     import torch
 
     n_done = sum(j.state == "done" for j in plan.jobs)
-    train_s = _training_seconds(plan)
     lines = [
         "# pamarl comparison",
         "",
