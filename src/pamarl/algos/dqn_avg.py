@@ -34,6 +34,7 @@ learner 0's env steps, the run's budget, are unaffected).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -184,7 +185,9 @@ class Learner:
             self.algo.nets[k].load_state_dict(sd)
         opt = self.algo.opts["q"]
         if "opt" in p:
-            opt.load_state_dict(p["opt"])
+            # A copy: Adam keeps the given tensors as its state and updates them in place, so learners in one
+            # process would otherwise share their moment estimates.
+            opt.load_state_dict(copy.deepcopy(p["opt"]))
         else:
             opt.state.clear()  # opt_state=reset: Adam starts its moment estimates again
 

@@ -113,9 +113,10 @@ class RayPool(WorkerPool):
                  max_restarts: int = 3, address: str | None = None, name: str | None = None):
         ray = init_ray(address)
         self._ray = ray
-        actor_cls = ray.remote(cls).options(num_cpus=cpus, max_restarts=max_restarts, max_task_retries=0)
+        actor_cls = ray.remote(cls)
         self.name = name
-        self.actors = [actor_cls.options(name=f"{name}-{i}" if name else None).remote(*a) for i, a in enumerate(args)]
+        self.actors = [actor_cls.options(num_cpus=cpus, max_restarts=max_restarts, max_task_retries=0,
+                                         name=f"{name}-{i}" if name else None).remote(*a) for i, a in enumerate(args)]
         self.n = len(self.actors)
         self._index: dict[Any, int] = {}
 
