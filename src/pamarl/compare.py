@@ -13,6 +13,11 @@ started as its own ``pamarl train`` process (at most ``--workers`` at once; its 
 ``train.log`` there). Combinations an algorithm cannot run (discrete-only QMIX on a continuous task,
 an env whose optional extra is missing) are skipped, and the report says which and why.
 
+With ``--backend ray [--address auto|HOST:PORT] [--cpus-per-run C]`` the runs are Ray tasks on a cluster
+instead (:mod:`pamarl.distributed.launch`): same run directories, report and resume; a run whose process
+or node dies is retried from its last checkpoint (``--max-retries``) and the report lists it. ``--out`` must
+then be on storage that every node reaches at the same path (NFS or similar).
+
 Resumable: rerunning the same command skips finished runs, resumes interrupted ones from their last
 checkpoint and extends finished ones when ``--steps`` grew. A run directory trained with other
 settings is an error (use another ``--out``), so one report never mixes configurations.
@@ -30,9 +35,6 @@ import dataclasses
 import math
 import os
 import shlex
-import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from pamarl.distributed.launch import Launcher, LocalLauncher, RayLauncher
 from pamarl.errors import UsageError
 from pamarl.plot import slug
 from pamarl.report import human as _human
@@ -318,28 +321,6 @@ def inspect_job(job: Job) -> None:
 
 
 # ----------------------------------------------------------------------------- running
-def _command(job: Job) -> list[str]:
-    base = [sys.executable, "-m", "pamarl.cli", "train"]
-    if job.state == "resume":
-        return [*base, "--resume", str(job.run_dir), "--steps", str(job.steps), "progress=false"]
-    launch = job.run_dir / "launch.yaml"
-    return [*base, "--config", str(launch)]
-
-
-def _start(job: Job) -> subprocess.Popen[bytes]:
-    if job.state == "new" and job.run_dir.exists():
-        shutil.rmtree(job.run_dir)  # a run that died before its first checkpoint: nothing to keep
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    if job.state == "new":
-        (job.run_dir / "launch.yaml").write_text(yaml.safe_dump(job.config, sort_keys=False))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(job.run_dir / "train.log", "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.state}: {shlex.join(_command(job))}\n".encode())
-        log.flush()
-        # Own session: Ctrl-C reaches this process only, which then stops the runs in order.
-        return subprocess.Popen(_command(job), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
 def _progress_of(job: Job) -> int:
     """Env steps of a running job, from the last line of its metrics.csv (cheap to read)."""
     p = job.run_dir / "metrics.csv"
@@ -364,16 +345,19 @@ def _log_tail(job: Job, n: int = 6) -> str:
     return "\n".join("    " + ln for ln in lines[-n:])
 
 
-def run_jobs(jobs: list[Job], workers: int, quiet: bool = False) -> tuple[list[Job], list[tuple[Job, str]]]:
-    """Run the jobs that are not done, ``workers`` at a time; returns (finished, failed with a log tail)."""
+def run_jobs(jobs: list[Job], workers: int, quiet: bool = False,
+             launcher: Launcher | None = None) -> tuple[list[Job], list[tuple[Job, str]]]:
+    """Run the jobs that are not done, ``workers`` at a time, on ``launcher`` (default: local subprocesses);
+    returns (finished, failed with a log tail)."""
     from tqdm import tqdm
 
+    launcher = launcher or LocalLauncher()
     todo = [j for j in jobs if j.state != "done"]
     total = sum(j.steps for j in jobs)
     done_steps = {id(j): (j.steps if j.state == "done" else j.done_steps) for j in jobs}
     bar = tqdm(total=total, initial=sum(done_steps.values()), unit="step", unit_scale=True, disable=quiet,
                dynamic_ncols=True, mininterval=1.0, desc=f"compare ({len(todo)} runs to go)")
-    running: dict[int, tuple[Job, subprocess.Popen[bytes], float]] = {}
+    running: dict[int, tuple[Job, Any, float]] = {}
     finished: list[Job] = []
     failed: list[tuple[Job, str]] = []
     queue = list(todo)
@@ -381,13 +365,14 @@ def run_jobs(jobs: list[Job], workers: int, quiet: bool = False) -> tuple[list[J
         while queue or running:
             while queue and len(running) < workers:
                 job = queue.pop(0)
-                running[id(job)] = (job, _start(job), time.perf_counter())
+                handle = launcher.start(job.run_dir, job.config, job.steps, job.state)
+                running[id(job)] = (job, handle, time.perf_counter())
                 bar.write(f"start  {job.algo:<12} {job.env}  seed {job.seed}"
                           + (f"  (resuming at {job.done_steps:,} steps)" if job.state == "resume" else ""))
             time.sleep(0.5)
             for key, (job, proc, t0) in list(running.items()):
                 done_steps[key] = max(done_steps[key], _progress_of(job))
-                rc = proc.poll()
+                rc = launcher.poll(proc)
                 if rc is None:
                     continue
                 del running[key]
@@ -399,6 +384,8 @@ def run_jobs(jobs: list[Job], workers: int, quiet: bool = False) -> tuple[list[J
                               + _eval_note(job))
                 else:
                     tail = _log_tail(job)
+                    why = getattr(launcher, "failures", {}).get(proc)
+                    tail = f"    {why}\n{tail}" if why else tail
                     failed.append((job, tail))
                     bar.write(f"FAILED {job.algo:<12} {job.env}  seed {job.seed} (exit {rc}); "
                               f"see {job.run_dir / 'train.log'}:\n{tail}")
@@ -407,15 +394,7 @@ def run_jobs(jobs: list[Job], workers: int, quiet: bool = False) -> tuple[list[J
             if now > bar.n:
                 bar.update(now - bar.n)  # redraws at most once per mininterval
     except KeyboardInterrupt:
-        for _job, proc, _ in running.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # the runner stops between iterations; checkpoints stay intact
-        deadline = time.time() + 20
-        for _job, proc, _ in running.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        launcher.interrupt([h for _, h, _ in running.values()])
         raise
     finally:
         bar.close()
@@ -433,8 +412,8 @@ def _eval_note(job: Job) -> str:
 
 
 # ----------------------------------------------------------------------------- command line
-def _estimate(plan: Plan, workers: int) -> float:
-    """Expected wall seconds of the runs left, from :data:`THROUGHPUT`."""
+def _estimate(plan: Plan, slots: int) -> float:
+    """Expected wall seconds of the runs left with ``slots`` runs at once, from :data:`THROUGHPUT`."""
     from pamarl.algos.onpolicy import OnPolicyAlgorithm
     from pamarl.algos.registry import get_algorithm
 
@@ -444,7 +423,7 @@ def _estimate(plan: Plan, workers: int) -> float:
             continue
         kind = "onpolicy" if issubclass(get_algorithm(j.algo), OnPolicyAlgorithm) else "offpolicy"
         total += (j.steps - j.done_steps) / expected_throughput(kind, j.env) + 5.0  # + process start
-    return total / max(1, min(workers, os.cpu_count() or 1))
+    return total / max(1, slots)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -460,8 +439,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="number of seeds (3: seeds 1,2,3) or a comma-separated list (default 3)")
     p.add_argument("--steps", type=int, help="env steps per run (default: the preset's, else 100000)")
     p.add_argument("--out", required=True, help="output directory (runs/, report.md, summary.csv, plots/)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="training processes at once (default: the number of CPU cores)")
+    p.add_argument("--workers", type=int,
+                   help="runs at once (default: the number of CPU cores; with --backend ray: as many as the "
+                   "cluster's CPUs hold)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: training subprocesses on this machine (default); ray: Ray tasks on a cluster")
+    p.add_argument("--address", help="with --backend ray: the cluster to join (auto, or HOST:PORT of `ray start "
+                   "--head`); default: start a Ray instance on this machine. --out must be on storage every "
+                   "node reaches at the same path (NFS or similar)")
+    p.add_argument("--cpus-per-run", type=float, default=1.0,
+                   help="with --backend ray: CPUs reserved per run (default 1; torch uses that many threads)")
+    p.add_argument("--max-retries", type=int, default=3,
+                   help="with --backend ray: times a run whose process or node died is retried from its last "
+                   "checkpoint (default 3)")
     p.add_argument("--evals", type=int,
                    help=f"evaluations per run when eval_every is not set (default {DEFAULT_EVALS})")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the expected running time; run nothing")
@@ -487,8 +477,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("say which envs to compare on: --envs id1,id2 (or --preset smoke|paper)")
     if args.steps is not None and args.steps < 1:
         raise UsageError("--steps must be >= 1")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be >= 1")
+    if args.backend == "local" and (args.address or args.cpus_per_run != 1.0):
+        raise UsageError("--address and --cpus-per-run apply to --backend ray; add --backend ray")
+    if args.cpus_per_run <= 0 or args.max_retries < 0:
+        raise UsageError("--cpus-per-run must be > 0 and --max-retries >= 0")
     seeds = _parse_seeds(args.seeds) if args.seeds else list(range(1, (preset.seeds if preset else 3) + 1))
     common, scoped = _parse_overrides(args.overrides, algos)
     if preset:
@@ -512,11 +506,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{n_resume} to resume, {len(plan.jobs) - n_done - n_resume} to start; output in {out}")
     for a, e, why in plan.skipped:
         print(f"  skip {a} on {e}: {why}")
-    est = _estimate(plan, args.workers)
+    launcher: Launcher | None = None
+    if args.backend == "ray" and not args.report_only:
+        ray_launcher = RayLauncher(args.address, args.cpus_per_run, args.max_retries)
+        launcher = ray_launcher
+        cpus = float(ray_launcher.ray.cluster_resources().get("CPU", 1))
+        slots = max(1, int(cpus // args.cpus_per_run))
+        where = f"on a Ray cluster of {cpus:.0f} CPUs ({args.cpus_per_run:g} per run)"
+    else:
+        slots = min(args.workers or os.cpu_count() or 1, os.cpu_count() or 1)
+        where = f"on {os.cpu_count()} cores"
+    workers = args.workers or (slots if args.backend == "ray" else os.cpu_count() or 1)
+    est = _estimate(plan, min(workers, slots))
     if args.dry_run:
         for j in plan.jobs:
             print(f"  {j.state:<6} {j.algo:<12} {j.env:<48} seed {j.seed}  {j.steps:,} steps  {j.run_dir}")
-        print(f"expected running time: about {_human(est)} with {args.workers} workers on {os.cpu_count()} cores "
+        print(f"expected running time: about {_human(est)} with {min(workers, slots)} runs at once {where} "
               "(throughputs measured on a 2-core machine; see benchmarks/README.md)")
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -525,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only and n_done < len(plan.jobs):
         print(f"expected running time: about {_human(est)}")
         try:
-            _, failed = run_jobs(plan.jobs, args.workers, quiet=args.quiet)
+            _, failed = run_jobs(plan.jobs, workers, quiet=args.quiet, launcher=launcher)
         except KeyboardInterrupt:
             write_report(plan, command, time.perf_counter() - t0)
             print(f"\npamarl compare: interrupted; partial report in {out / 'report.md'}. "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pamarl.distributed.launch import retries_of
 from pamarl.plot import slug
 
 if TYPE_CHECKING:
@@ -240,6 +241,16 @@ def _report_markdown(plan: Plan, command: str, table: str, plots: list[tuple[str
         for j in missing:
             why = "failed, log tail:\n\n```\n" + fail[id(j)] + "\n```" if id(j) in fail else "not finished"
             lines += [f"- {j.algo} on {j.env}, seed {j.seed} (`{j.run_dir.relative_to(plan.out)}`): {why}"]
+        lines += [""]
+    retried = [(j, r) for j in plan.jobs for r in retries_of(j.run_dir)]
+    if retried:
+        lines += ["## Retried runs", "",
+                  "Runs whose process or node died and that the Ray backend restarted from their last checkpoint "
+                  "(`attempts.jsonl` in the run directory):", ""]
+        for j, r in retried:
+            how = (f"resumed at {r['from_env_steps']:,} env steps" if r["state"] == "resume"
+                   else "started over (no checkpoint yet)")
+            lines += [f"- {j.algo} on {j.env}, seed {j.seed}: restarted {r['time']} on {r['node']}, {how}"]
         lines += [""]
     lines += [
         "## Metric definitions",
