@@ -52,7 +52,7 @@ from pamarl.report import write_report
 DEFAULT_EVALS = 50
 """Evaluations per run when the config does not fix ``eval_every``: enough points for T_conv and sigma."""
 
-IGNORED_IN_CHECK = ("steps", "run_dir", "progress", "tensorboard", "env_workers", "torch_threads")
+IGNORED_IN_CHECK = ("steps", "run_dir", "progress", "tensorboard", "env_workers", "env_backend", "torch_threads")
 """Config keys that may differ between a run on disk and the planned one (they do not change results,
 or, for ``steps``, are handled by extending the run)."""
 

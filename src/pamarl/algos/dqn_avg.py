@@ -49,7 +49,7 @@ from pamarl.algos.iql import IQL
 from pamarl.algos.registry import register
 from pamarl.algos.value_based import ValueConfig
 from pamarl.config import TrainConfig
-from pamarl.distributed.pool import WorkerDied, WorkerPool, make_pool
+from pamarl.distributed.pool import WorkerDied, WorkerPool, WorkerRestarted, make_pool
 from pamarl.envs.base import BatchObs, BatchStep, EnvSpec
 from pamarl.errors import UsageError
 
@@ -146,6 +146,7 @@ class Learner:
         self.algo = IQL(spec, cfg, run, torch.device(run.device))
         self.env = None
         self.obs: BatchObs | None = None
+        self.loaded = not env  # a worker learner works only once the driver has given it parameters or a state
         if env:
             from pamarl.envs.registry import make_env
 
@@ -162,6 +163,8 @@ class Learner:
 
     def iterate(self, progress: Progress) -> dict[str, Any]:
         """Collect one iteration on the own env copies, then the gradient steps due for it."""
+        if not self.loaded:
+            raise WorkerRestarted(f"learner {self.index} has no parameters yet (restarted after a death)")
         assert self.env is not None and self.obs is not None
         t0 = time.perf_counter()
         returns: list[float] = []
@@ -181,6 +184,7 @@ class Learner:
                 "opt": self.algo.opts["q"].state_dict()}
 
     def load_params(self, p: Params) -> None:
+        self.loaded = True
         for k, sd in p["nets"].items():
             self.algo.nets[k].load_state_dict(sd)
         opt = self.algo.opts["q"]
@@ -195,6 +199,7 @@ class Learner:
         return self.algo.state_dict()
 
     def load_state_dict(self, state: dict[str, Any], iteration: int) -> None:
+        self.loaded = True
         self.algo.load_state_dict(state)
         if self.env is not None:
             self.reset_env(iteration)
@@ -283,8 +288,9 @@ class DQNAvg(Algorithm):
                     except WorkerDied:
                         self._recover(w)
 
-    def _recover(self, w: int) -> None:
-        """A learner's actor died: wait for Ray's restart, reload its state and the current parameters, redo."""
+    def _restore(self, w: int) -> None:
+        """Learner ``w``'s actor died: wait for Ray's restart, reload its last checkpointed state (or reset
+        it) and the current parameters of learner 0 (the last average plus learner 0's steps since)."""
         assert self.pool is not None
         self.restarts += 1
         wait = getattr(self.pool, "wait_alive", None)
@@ -298,7 +304,25 @@ class DQNAvg(Algorithm):
         if self.cfg.opt_state == "reset":
             p.pop("opt")
         self.pool.result(self.pool.submit(w, "load_params", p))
+
+    def _recover(self, w: int) -> None:
+        """Restore a dead learner and redo its iteration."""
+        assert self.pool is not None
+        self._restore(w)
         self.inflight[w] = self.pool.submit(w, "iterate", self._progress)
+
+    def _call_all(self, method: str, args: list[tuple[Any, ...]] | None = None) -> list[Any]:
+        """``method`` on every worker learner in parallel; a learner that died is restored and asked again."""
+        assert self.pool is not None
+        futs = [self.pool.submit(w, method, *(args[w] if args else ())) for w in range(self.n - 1)]
+        out = []
+        for w, f in enumerate(futs):
+            try:
+                out.append(self.pool.result(f))
+            except WorkerDied:
+                self._restore(w)
+                out.append(self.pool.result(self.pool.submit(w, method, *(args[w] if args else ()))))
+        return out
 
     # ------------------------------------------------------------------ update
     def update(self, progress: Progress) -> Metrics:
@@ -339,8 +363,12 @@ class DQNAvg(Algorithm):
         div = divergence(params, avg)
         self.local.load_params(avg)
         if self.pool is not None:
-            for w in self.reported:
-                self.pool.result(self.pool.submit(w, "load_params", avg))
+            futs = {w: self.pool.submit(w, "load_params", avg) for w in self.reported}
+            for w, f in futs.items():
+                try:
+                    self.pool.result(f)
+                except WorkerDied:
+                    self._restore(w)  # loads learner 0's parameters, which are now the average
         self.averages += 1
         self.last_avg_updates = self.local.algo.updates
         return {"avg/divergence": div, "avg/learners_averaged": float(len(params))}
@@ -350,7 +378,7 @@ class DQNAvg(Algorithm):
         self.local.algo.reset_rollout()
         if self.pool is not None:
             self._drain()
-            self.pool.call_all("reset_env", [(self.iteration,)] * (self.n - 1))
+            self._call_all("reset_env", [(self.iteration,)] * (self.n - 1))
 
     def _drain(self) -> None:
         """async: finish every iteration in flight (its parameters join the next average)."""
@@ -364,7 +392,7 @@ class DQNAvg(Algorithm):
         remote: list[Any] = []
         if self.pool is not None:
             self._drain()
-            remote = self.pool.call_all("state_dict")
+            remote = self._call_all("state_dict")
             self.saved = list(remote)
         return {"learners": [self.local.state_dict(), *remote], "rng": self._rng_state(),
                 "counters": {"iteration": self.iteration, "averages": self.averages, "restarts": self.restarts,
@@ -381,7 +409,7 @@ class DQNAvg(Algorithm):
         self.local.algo.load_state_dict(state["learners"][0])
         if self.pool is not None:
             self.saved = list(state["learners"][1:])
-            self.pool.call_all("load_state_dict", [(s, self.iteration) for s in self.saved])
+            self._call_all("load_state_dict", [(s, self.iteration) for s in self.saved])
         self._load_rng_state(state["rng"])
 
     def __del__(self) -> None:

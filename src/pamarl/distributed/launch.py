@@ -63,6 +63,10 @@ def _record(run_dir: Path, launch: str, state: str) -> None:
             done = int(load_checkpoint(run_dir / "checkpoints" / "latest.pt")["env_steps"])
     line = {"launch": launch, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "node": socket.gethostname(),
             "pid": os.getpid(), "state": state, "from_env_steps": done}
+    if launch.startswith("ray-"):
+        import ray
+
+        line["ray_node_id"] = ray.get_runtime_context().get_node_id()
     with open(run_dir / ATTEMPTS, "a") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -171,7 +175,7 @@ class RayLauncher(Launcher):
         self.failures: dict[Any, str] = {}
 
     def start(self, run_dir: Path, config: dict[str, Any], steps: int, state: str) -> Any:
-        return self.task.remote(str(run_dir.resolve()), config, steps, uuid.uuid4().hex, state)
+        return self.task.remote(str(run_dir.resolve()), config, steps, f"ray-{uuid.uuid4().hex}", state)
 
     def poll(self, handle: Any) -> int | None:
         done, _ = self.ray.wait([handle], timeout=0)

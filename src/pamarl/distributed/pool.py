@@ -5,7 +5,9 @@ future; ``result(future)`` its value) and never imports Ray, so its logic is tes
 :class:`LocalPool`. :class:`RayPool` runs each worker as a Ray actor with ``cpus`` CPUs, restarted by Ray up
 to ``max_restarts`` times when its process or node dies; a call on a dead worker raises
 :class:`WorkerDied`, and the caller reloads the worker's state (the worker's ``__init__`` has already run
-again with its original arguments).
+again with its original arguments). A call that reaches the restarted worker before its state was reloaded
+must raise :class:`WorkerRestarted` (the worker knows it has not been loaded); that too is a
+:class:`WorkerDied` for the caller.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class WorkerDied(RuntimeError):
     def __init__(self, index: int, why: str):
         super().__init__(f"worker {index} died: {why}")
         self.index = index
+
+
+class WorkerRestarted(RuntimeError):
+    """Raised by a worker asked to work before its state was loaded: Ray restarted it after a death."""
 
 
 class _Done:
@@ -134,13 +140,17 @@ class RayPool(WorkerPool):
         return list(done)
 
     def result(self, future: Any) -> Any:
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         i = self._index.pop(future, -1)
         try:
             return self._ray.get(future)
         except RayActorError as e:
             raise WorkerDied(i, type(e).__name__) from e
+        except RayTaskError as e:
+            if isinstance(getattr(e, "cause", None), WorkerRestarted):
+                raise WorkerDied(i, "restarted with a fresh state") from e
+            raise
 
     def wait_alive(self, i: int, timeout: float = 60.0) -> None:
         """Block until worker ``i`` answers again (Ray is restarting it)."""
