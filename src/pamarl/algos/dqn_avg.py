@@ -27,6 +27,12 @@ end of an iteration, the first at which learner 0 has done another ``sync_every`
   waited for only when it has missed ``max_staleness`` averages (its parameters then started from an
   average that old). Timing decides who joins, so runs are not bit-reproducible.
 
+Logged per iteration: ``avg/divergence`` (mean over learners of ``||theta_i - theta_bar|| / ||theta_bar||`` of
+the online networks just before an average), ``avg/return_l<i>`` (each learner's mean training episode return),
+``avg/sync_s`` and ``avg/sync_share`` (time after learner 0's own update spent waiting for the others, averaging
+and loading the average, and its share of the iteration), ``avg/averages``, ``avg/learners_averaged``,
+``avg/staleness_max`` (async), ``avg/restarts`` and ``train/env_steps_total``.
+
 A learner whose Ray actor dies (process or node) is restarted by Ray; it reloads its state from the last
 checkpoint and the current averaged parameters, then redoes its iteration (``avg/restarts`` counts them;
 learner 0's env steps, the run's budget, are unaffected).
@@ -326,7 +332,6 @@ class DQNAvg(Algorithm):
 
     # ------------------------------------------------------------------ update
     def update(self, progress: Progress) -> Metrics:
-        t_iter = time.perf_counter() - self._t_last
         self.iteration = progress.iteration + 1
         metrics = dict(self.local.algo.update(progress))
         self.env_steps_total += self.run.rollout_len * self.run.num_envs
@@ -350,9 +355,10 @@ class DQNAvg(Algorithm):
                 self.staleness[w] = 0 if w in self.reported else self.staleness[w] + int(due)
             metrics["avg/staleness_max"] = float(max(self.staleness))
             self.reported = {}
-        sync_s = time.perf_counter() - t0
+        now = time.perf_counter()
+        sync_s = now - t0  # waiting for the other learners, averaging, loading the average
         metrics.update({"avg/averages": float(self.averages), "avg/restarts": float(self.restarts),
-                        "avg/sync_s": sync_s, "avg/sync_share": sync_s / max(t_iter + sync_s, 1e-9),
+                        "avg/sync_s": sync_s, "avg/sync_share": sync_s / max(now - self._t_last, 1e-9),
                         "train/env_steps_total": float(self.env_steps_total)})
         self._t_last = time.perf_counter()
         return metrics
