@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from pamarl.distributed.launch import Launcher, LocalLauncher, RayLauncher
+from pamarl.distributed.launch import Launcher, RayLauncher, run_jobs
 from pamarl.errors import UsageError
 from pamarl.plot import slug
 from pamarl.report import human as _human
@@ -318,97 +318,6 @@ def inspect_job(job: Job) -> None:
         job.state, job.done_steps = "new", 0  # nothing usable: start over
         return
     job.state = "resume"
-
-
-# ----------------------------------------------------------------------------- running
-def _progress_of(job: Job) -> int:
-    """Env steps of a running job, from the last line of its metrics.csv (cheap to read)."""
-    p = job.run_dir / "metrics.csv"
-    try:
-        with open(p, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 4096))
-            tail = f.read().decode(errors="replace").strip().splitlines()
-        if len(tail) < 2:
-            return job.done_steps
-        return int(float(tail[-1].split(",")[1]))
-    except (OSError, ValueError, IndexError):
-        return job.done_steps
-
-
-def _log_tail(job: Job, n: int = 6) -> str:
-    try:
-        lines = (job.run_dir / "train.log").read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return "\n".join("    " + ln for ln in lines[-n:])
-
-
-def run_jobs(jobs: list[Job], workers: int, quiet: bool = False,
-             launcher: Launcher | None = None) -> tuple[list[Job], list[tuple[Job, str]]]:
-    """Run the jobs that are not done, ``workers`` at a time, on ``launcher`` (default: local subprocesses);
-    returns (finished, failed with a log tail)."""
-    from tqdm import tqdm
-
-    launcher = launcher or LocalLauncher()
-    todo = [j for j in jobs if j.state != "done"]
-    total = sum(j.steps for j in jobs)
-    done_steps = {id(j): (j.steps if j.state == "done" else j.done_steps) for j in jobs}
-    bar = tqdm(total=total, initial=sum(done_steps.values()), unit="step", unit_scale=True, disable=quiet,
-               dynamic_ncols=True, mininterval=1.0, desc=f"compare ({len(todo)} runs to go)")
-    running: dict[int, tuple[Job, Any, float]] = {}
-    finished: list[Job] = []
-    failed: list[tuple[Job, str]] = []
-    queue = list(todo)
-    try:
-        while queue or running:
-            while queue and len(running) < workers:
-                job = queue.pop(0)
-                handle = launcher.start(job.run_dir, job.config, job.steps, job.state)
-                running[id(job)] = (job, handle, time.perf_counter())
-                bar.write(f"start  {job.algo:<12} {job.env}  seed {job.seed}"
-                          + (f"  (resuming at {job.done_steps:,} steps)" if job.state == "resume" else ""))
-            time.sleep(0.5)
-            for key, (job, proc, t0) in list(running.items()):
-                done_steps[key] = max(done_steps[key], _progress_of(job))
-                rc = launcher.poll(proc)
-                if rc is None:
-                    continue
-                del running[key]
-                if rc == 0:
-                    done_steps[key] = job.steps
-                    job.state = "done"
-                    finished.append(job)
-                    bar.write(f"done   {job.algo:<12} {job.env}  seed {job.seed}  ({time.perf_counter() - t0:.0f} s)"
-                              + _eval_note(job))
-                else:
-                    tail = _log_tail(job)
-                    why = getattr(launcher, "failures", {}).get(proc)
-                    tail = f"    {why}\n{tail}" if why else tail
-                    failed.append((job, tail))
-                    bar.write(f"FAILED {job.algo:<12} {job.env}  seed {job.seed} (exit {rc}); "
-                              f"see {job.run_dir / 'train.log'}:\n{tail}")
-            bar.set_description(f"compare ({len(queue) + len(running)} runs to go)", refresh=False)
-            now = sum(done_steps.values())
-            if now > bar.n:
-                bar.update(now - bar.n)  # redraws at most once per mininterval
-    except KeyboardInterrupt:
-        launcher.interrupt([h for _, h, _ in running.values()])
-        raise
-    finally:
-        bar.close()
-    return finished, failed
-
-
-def _eval_note(job: Job) -> str:
-    import json
-
-    try:
-        s = json.loads((job.run_dir / "summary.json").read_text())
-        return f", eval return {s['eval/return_mean']:.2f}" if "eval/return_mean" in s else ""
-    except (OSError, ValueError, KeyError):
-        return ""
 
 
 # ----------------------------------------------------------------------------- command line
