@@ -346,8 +346,10 @@ class DQNAvg(Algorithm):
                 self.env_steps_total += r["env_steps"]
                 if r["returns"]:
                     metrics[f"avg/return_l{w + 1}"] = float(np.mean(r["returns"]))
-        due = self.local.algo.updates - self.last_avg_updates >= self.cfg.sync_every
-        if due and self.n > 1:
+        # async: an average of learner 0 alone would be no average; it waits until another learner reports.
+        due = (self.local.algo.updates - self.last_avg_updates >= self.cfg.sync_every and self.n > 1
+               and bool(self.reported))
+        if due:
             metrics.update(self._average())
         if self.pool is not None:
             # Learners that reported start their next iteration at learner 0's next observe.
