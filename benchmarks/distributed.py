@@ -51,6 +51,7 @@ def learning(out: Path, total: int) -> list[dict[str, Any]]:
         per = total // n
         rows.append(run(out, f"dqn_avg_n{n}_s{sync}", {
             "algo": "dqn_avg", "steps": per, "n_learners": n, "sync_every": sync, "backend": "ray",
+            "cpus_per_learner": 1.0 if n <= 2 else 0.5,  # 4 learners on 2 cores: oversubscribed
             "eps_anneal_steps": per // 4, **LEARN}))
     return rows
 

@@ -80,6 +80,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.reward not in ("auto", "team", "individual"):
             raise UsageError(f"reward must be 'auto', 'team' or 'individual', got {self.reward!r}")
+        if self.env_backend not in ("local", "ray"):
+            raise UsageError(f"env_backend must be 'local' or 'ray', got {self.env_backend!r}")
         check_device(self.device)
 
 

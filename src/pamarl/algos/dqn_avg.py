@@ -44,6 +44,8 @@ import copy
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,11 +175,14 @@ class Learner:
             raise WorkerRestarted(f"learner {self.index} has no parameters yet (restarted after a death)")
         assert self.env is not None and self.obs is not None
         t0 = time.perf_counter()
+        from pamarl.runner import apply_reward_convention
+
         returns: list[float] = []
         for _ in range(self.run.rollout_len):
             out = self.algo.act(self.obs, explore=True)
             st = self.env.step(out.env_action)
-            self.algo.observe(self.obs, out, st)
+            # The runner's reward convention, exactly as learner 0 gets it from the runner.
+            self.algo.observe(self.obs, out, apply_reward_convention(st, self.algo.reward_mode))
             returns.extend(e.team_return for e in st.episodes)
             self.obs = st.next
         metrics = self.algo.update(progress)
@@ -223,6 +228,7 @@ class DQNAvg(Algorithm):
     name = "dqn_avg"
     Config = DQNAvgConfig
     action_kinds = ("discrete",)
+    supports_recurrent = IQL.supports_recurrent
     paper = "seed 003: distributed DQN for multi-agent RL with parameter averaging (Ray)"
     cfg: DQNAvgConfig
 
@@ -258,6 +264,11 @@ class DQNAvg(Algorithm):
     # ------------------------------------------------------------------ acting (learner 0)
     def act(self, obs: BatchObs, explore: bool = True) -> ActOut:
         return self.local.algo.act(obs, explore)
+
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        with super().evaluation(), self.local.algo.evaluation():
+            yield
 
     def observe(self, obs: BatchObs, out: ActOut, step: BatchStep) -> None:
         if self.pool is not None:
@@ -420,7 +431,7 @@ class DQNAvg(Algorithm):
             self._call_all("load_state_dict", [(s, self.iteration) for s in self.saved])
         self._load_rng_state(state["rng"])
 
-    def __del__(self) -> None:
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.close()
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()  # Ray actors hold their CPUs until released
+            self.pool = None

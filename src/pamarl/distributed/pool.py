@@ -119,6 +119,12 @@ class RayPool(WorkerPool):
                  max_restarts: int = 3, address: str | None = None, name: str | None = None):
         ray = init_ray(address)
         self._ray = ray
+        have = float(ray.cluster_resources().get("CPU", 0))
+        if have < cpus * len(args):
+            # Ray would wait for CPUs that never come: say so instead of hanging.
+            raise UsageError(f"{len(args)} Ray workers of {cpus:g} CPU need {cpus * len(args):g} CPUs, but the "
+                             f"cluster has {have:g}; lower the CPUs per worker (e.g. cpus_per_learner=0.5) or add "
+                             "nodes")
         actor_cls = ray.remote(cls)
         self.name = name
         self.actors = [actor_cls.options(num_cpus=cpus, max_restarts=max_restarts, max_task_retries=0,
