@@ -39,7 +39,7 @@ def run(out: Path, name: str, values: dict[str, Any]) -> dict[str, Any]:
     with open(d / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     total = float(rows[-1].get("train/env_steps_total") or s["env_steps"])
-    shares = [float(r["avg/sync_share"]) for r in rows if r.get("avg/sync_share")]
+    shares = [float(r["time/sync_share"]) for r in rows if r.get("time/sync_share")]
     share = sum(shares) / len(shares) if shares else None
     return {"name": name, "return": s.get("eval/return_mean"), "wall_s": s["wall_s"], "env_steps": total,
             "thr": total / s["wall_s"], "sync_share": share}

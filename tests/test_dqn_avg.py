@@ -21,7 +21,7 @@ from pamarl.runner import train
 
 def rows(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv") as f:
-        return [{k: v for k, v in r.items() if k not in ("wall_s", "avg/sync_s", "avg/sync_share")}
+        return [{k: v for k, v in r.items() if k not in ("wall_s", "time/sync_s", "time/sync_share")}
                 for r in csv.DictReader(f)]
 
 

@@ -28,7 +28,7 @@ from pamarl.config import TrainConfig  # noqa: E402
 from pamarl.runner import train  # noqa: E402
 
 SMALL: dict[str, Any] = dict(hidden=(16,), batch_size=16, learning_starts=100, env_steps_per_update=5)
-IGNORE = ("wall_s", "avg/sync_s", "avg/sync_share")
+IGNORE = ("wall_s", "time/sync_s", "time/sync_share")
 
 
 @pytest.fixture(scope="module")

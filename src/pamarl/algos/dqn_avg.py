@@ -29,7 +29,7 @@ end of an iteration, the first at which learner 0 has done another ``sync_every`
 
 Logged per iteration: ``avg/divergence`` (mean over learners of ``||theta_i - theta_bar|| / ||theta_bar||`` of
 the online networks just before an average), ``avg/return_l<i>`` (each learner's mean training episode return),
-``avg/sync_s`` and ``avg/sync_share`` (time after learner 0's own update spent waiting for the others, averaging
+``time/sync_s`` and ``time/sync_share`` (time after learner 0's own update spent waiting for the others, averaging
 and loading the average, and its share of the iteration), ``avg/averages``, ``avg/learners_averaged``,
 ``avg/staleness_max`` (async), ``avg/restarts`` and ``train/env_steps_total``.
 
@@ -371,7 +371,7 @@ class DQNAvg(Algorithm):
         now = time.perf_counter()
         sync_s = now - t0  # waiting for the other learners, averaging, loading the average
         metrics.update({"avg/averages": float(self.averages), "avg/restarts": float(self.restarts),
-                        "avg/sync_s": sync_s, "avg/sync_share": sync_s / max(now - self._t_last, 1e-9),
+                        "time/sync_s": sync_s, "time/sync_share": sync_s / max(now - self._t_last, 1e-9),
                         "train/env_steps_total": float(self.env_steps_total)})
         self._t_last = time.perf_counter()
         return metrics
