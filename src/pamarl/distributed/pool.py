@@ -100,7 +100,7 @@ def init_ray(address: str | None = None) -> Any:
     """Import Ray and connect to (``address``: ``auto`` or ``HOST:PORT``) or start a cluster, once."""
     try:
         import ray
-    except ModuleNotFoundError:
+    except ImportError:
         raise UsageError("this needs Ray, which is not installed: pip install 'pamarl[ray]'") from None
     if not ray.is_initialized():
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
