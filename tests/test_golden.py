@@ -377,10 +377,13 @@ def test_happo_factor_and_sequential_gradients_match_eq_11(monkeypatch: pytest.M
 
 
 # ====================================================================== 3. HATRPO
-def test_hatrpo_step_matches_eq_8_with_the_exact_kl_hessian(monkeypatch: pytest.MonkeyPatch) -> None:
+# HARL's defaults take the full step; a larger delta with a stricter acceptance makes one agent backtrack.
+@pytest.mark.parametrize(("delta", "accept_ratio"), [(0.01, 0.5), (0.1, 0.9)])
+def test_hatrpo_step_matches_eq_8_with_the_exact_kl_hessian(monkeypatch: pytest.MonkeyPatch, delta: float,
+                                                           accept_ratio: float) -> None:
     spec = onpolicy_spec(n=2, action_dims=(3, 3), obs=2, masks=False)  # a tiny policy: 27 parameters
-    algo = onpolicy_algo("hatrpo", spec, hidden=(4,), critic_epochs=0, kl_threshold=0.01, damping=0.1,
-                         cg_iters=60, cg_residual_tol=1e-28, gamma=0.9)
+    algo = onpolicy_algo("hatrpo", spec, hidden=(4,), critic_epochs=0, kl_threshold=delta, damping=0.1,
+                         accept_ratio=accept_ratio, cg_iters=60, cg_residual_tol=1e-28, gamma=0.9)
     d = fill_rollout(algo, seed=2, masks=False)
     r = ref_advantages(algo, d, RefValueNorm(algo.critic.norm))
     order = [1, 0]
@@ -401,7 +404,7 @@ def test_hatrpo_step_matches_eq_8_with_the_exact_kl_hessian(monkeypatch: pytest.
 
     cfg = algo.cfg
     M = torch.ones(T * E)
-    accepted = 0
+    accepted, backtracked = 0, False
     for s in steps:
         i = s["i"]
         close(s["factor"], M, f"HATRPO factor of agent {i}")
@@ -452,9 +455,14 @@ def test_hatrpo_step_matches_eq_8_with_the_exact_kl_hessian(monkeypatch: pytest.
         assert torch.allclose(step, frac * full, atol=1e-9, rtol=1e-6), \
             f"agent {i}: step differs from eq. 8 by {float((step - frac * full).abs().max()):.3e}"
         accepted += frac > 0
+        backtracked |= 0 < frac < 1
+        # What pamarl reports at the accepted step: the KL(old || new) of eq. 7's constraint and the surrogate.
+        assert out["kl"] == pytest.approx(float(mean_kl(s["theta1"])), rel=1e-7, abs=1e-12), f"agent {i}: KL"
+        assert out["policy"] == pytest.approx(-float(surrogate(s["theta1"])), rel=1e-7, abs=1e-12)
         with torch.no_grad():
             M = M * torch.exp((log_policy(s["theta1"])[0] - logp_old) * w)
     assert accepted == len(order), "every agent's step should be accepted on this batch (else nothing is compared)"
+    assert backtracked == (accept_ratio > 0.5), "the second case must backtrack (the line search is compared)"
 
 
 # ====================================================================== off-policy fixtures
