@@ -108,8 +108,10 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     print("Algorithms:")
     for name, cls in algorithms().items():
-        kinds = "/".join(cls.action_kinds)
-        print(f"  {name:<12} [{kinds}]  {cls.paper}")
+        caps = ["/".join(cls.action_kinds)]
+        caps += [c for c, on in (("cost", cls.uses_cost), ("rnn", cls.supports_recurrent),
+                                 ("no shared params", not cls.supports_shared_params)) if on]
+        print(f"  {name:<12} [{', '.join(caps)}]  {cls.paper}")
     print("\nEnvironments (family/task; parameters as ?key=value):")
     fams = families()
     for name, fam in sorted(fams.items()):

@@ -246,7 +246,9 @@ def preset_names() -> list[str]:
     """The presets shipped with pamarl (``src/pamarl/presets/<name>.yaml``)."""
     from importlib.resources import files
 
-    return sorted(p.name[:-5] for p in files("pamarl").joinpath("presets").iterdir() if p.name.endswith(".yaml"))
+    # The folder also holds other data (compare presets, throughput tables): a run preset has ``algos:``.
+    return sorted(p.name[:-5] for p in files("pamarl").joinpath("presets").iterdir()
+                  if p.name.endswith(".yaml") and "algos" in (yaml.safe_load(p.read_text()) or {}))
 
 
 def load_preset(name: str, algo: str) -> dict[str, Any]:
