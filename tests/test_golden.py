@@ -186,12 +186,14 @@ def onpolicy_spec(n: int = 3, action_dims: tuple[int, ...] = (3, 2, 3), obs: int
                    action_kind="discrete", action_dims=action_dims, has_action_mask=masks, episode_limit=T)
 
 
-def onpolicy_algo(name: str, spec: EnvSpec, **cfg: Any) -> Any:
+def onpolicy_algo(name: str, spec: EnvSpec, reward: str = "individual", **cfg: Any) -> Any:
+    """A tiny on-policy learner; ``reward=individual`` keeps each agent's own reward in the batch (distinct
+    columns), ``team`` gives every agent the sum, as the runner does under either convention."""
     torch.manual_seed(0)
     cls = get_algorithm(name)
     conf = cls.Config(**{"hidden": (5,), "epochs": 1, "minibatches": 1, "critic_epochs": 1, **cfg})
     conf.validate()
-    return cls(spec, conf, TrainConfig(algo=name, num_envs=E, rollout_len=T, seed=0), CPU)
+    return cls(spec, conf, TrainConfig(algo=name, num_envs=E, rollout_len=T, seed=0, reward=reward), CPU)
 
 
 def fill_rollout(algo: Any, seed: int = 0, masks: bool = True) -> Rollout:
@@ -222,7 +224,8 @@ def fill_rollout(algo: Any, seed: int = 0, masks: bool = True) -> Rollout:
         collect_critic = copy.deepcopy(algo.critic.net)
         for p in collect_critic.parameters():
             p.add_(0.5 * torch.randn(p.shape, generator=g))
-        value = torch.stack([relu_mlp(layers_of(collect_critic.nets[i]), state[:T])[..., 0] for i in range(n)], -1)
+        value = torch.stack([relu_mlp(layers_of(collect_critic.nets[head(algo, i)]), state[:T])[..., 0]
+                             for i in range(n)], -1)
     terminated, truncated = torch.zeros(T, E, dtype=torch.bool), torch.zeros(T, E, dtype=torch.bool)
     terminated[2, 0] = True
     truncated[4, 1] = True
@@ -230,19 +233,27 @@ def fill_rollout(algo: Any, seed: int = 0, masks: bool = True) -> Rollout:
     next_obs, next_state = obs[1:].clone(), state[1:].clone()
     next_obs[done] = torch.randn(int(done.sum()), n, od, generator=g)  # the true final observation
     next_state[done] = torch.randn(int(done.sum()), S, generator=g)
+    reward = torch.randn(T, E, n, generator=g)
+    if algo.team_rewards:  # what the runner hands the learners under reward=team: every agent gets the sum
+        reward = reward.sum(-1, keepdim=True).expand(T, E, n).clone()
     rollout = Rollout(obs=obs[:T], state=state[:T], action_mask=allowed, active=active, action=action, logp=logp,
-                      value=value, reward=torch.randn(T, E, n, generator=g), terminated=terminated, done=done,
-                      next_obs=next_obs, next_state=next_state)
+                      value=value, reward=reward, terminated=terminated, done=done, next_obs=next_obs,
+                      next_state=next_state)
     algo.buffer._data = rollout
     algo.buffer.t = T
     return rollout
+
+
+def head(algo: Any, i: int) -> int:
+    """The critic network that values agent ``i``: its own, or the one shared V(s) (``critic=shared``)."""
+    return 0 if algo.critic.shared else i
 
 
 def seed_value_norm(algo: Any) -> None:
     """Give the normaliser non-trivial statistics (mean ~ 2, std ~ 3) as after earlier iterations."""
     g = torch.Generator().manual_seed(7)
     if algo.critic.norm is not None:
-        algo.critic.norm.update(2.0 + 3.0 * torch.randn(50, algo.n, generator=g))
+        algo.critic.norm.update(2.0 + 3.0 * torch.randn(50, algo.critic.n_out, generator=g))
 
 
 def ref_advantages(algo: Any, d: Rollout, norm: RefValueNorm | None) -> dict[str, Tensor]:
@@ -253,7 +264,7 @@ def ref_advantages(algo: Any, d: Rollout, norm: RefValueNorm | None) -> dict[str
     with torch.no_grad():
         v = denorm(d.value)
         v_next = denorm(torch.stack(
-            [relu_mlp(layers_of(algo.critic.net.nets[i]), d.next_state)[..., 0] for i in range(n)], -1))
+            [relu_mlp(layers_of(algo.critic.net.nets[head(algo, i)]), d.next_state)[..., 0] for i in range(n)], -1))
     adv = gae_eq16(d.reward, v, v_next, d.terminated, d.done, cfg.gamma, cfg.gae_lambda)
     B = T * E
     w = d.active.reshape(B, n).to(adv.dtype)
@@ -277,25 +288,38 @@ def ref_actor_loss(actor_layers: list[tuple[Tensor, Tensor]], r: dict[str, Tenso
 
 
 # ====================================================================== 1. MAPPO
-def test_mappo_losses_and_gradients_match_the_paper(monkeypatch: pytest.MonkeyPatch) -> None:
+# per_agent: one V_i(s) per agent on its own reward; shared: HARL's one V(s) on the team reward, a sample
+# counting where any agent is active. Value normalisation with statistics from earlier iterations, fresh
+# (the first update of a run: the variance floor and the debiasing clamp act), or switched off.
+@pytest.mark.parametrize(("critic", "value_norm"), [("per_agent", "seeded"), ("shared", "seeded"),
+                                                    ("per_agent", "fresh"), ("per_agent", "off")])
+def test_mappo_losses_and_gradients_match_the_paper(monkeypatch: pytest.MonkeyPatch, critic: str,
+                                                    value_norm: str) -> None:
     spec = onpolicy_spec()
-    algo = onpolicy_algo("mappo", spec, entropy_coef=0.05, clip=0.2, value_clip=0.2, huber_delta=1.0, gamma=0.9)
-    seed_value_norm(algo)
+    algo = onpolicy_algo("mappo", spec, reward="team" if critic == "shared" else "individual", entropy_coef=0.05,
+                         clip=0.2, value_clip=0.2, huber_delta=1.0, gamma=0.9, critic=critic,
+                         value_norm=value_norm != "off")
+    if value_norm == "seeded":
+        seed_value_norm(algo)
     d = fill_rollout(algo)
-    norm = RefValueNorm(algo.critic.norm)
+    norm = RefValueNorm(algo.critic.norm) if value_norm != "off" else None
     r = ref_advantages(algo, d, norm)
     actor_params = [algo.actor.agent_parameters(i) for i in range(algo.n)]
-    critic_params = [list(algo.critic.net.nets[i].parameters()) for i in range(algo.n)]
+    heads = sorted({head(algo, i) for i in range(algo.n)})
+    critic_params = [list(algo.critic.net.nets[h].parameters()) for h in heads]
 
     rec = GradRecorder(step=False)
     monkeypatch.setattr(onpolicy, "clip_and_step", rec)
     metrics = algo.update(PROGRESS)
-    assert len(rec.calls) == 2 * algo.n  # n actor steps, then n critic steps
+    assert len(rec.calls) == algo.n + len(heads)  # n actor steps, then one step per critic network
 
     cfg = algo.cfg
     # Critic targets: ValueNorm updated with this batch's returns, then the returns normalised with it.
-    norm.update(r["ret"], r["w"])
-    target = norm.normalize(r["ret"])
+    # A shared V(s) has one column (every agent's return is the team's) weighted where any agent is active.
+    ret, vw = (r["ret"][:, :1], r["w"].amax(-1, keepdim=True)) if algo.critic.shared else (r["ret"], r["w"])
+    if norm is not None:
+        norm.update(ret, vw)
+    target = ret if norm is None else norm.normalize(ret)
     branches = {"ratio_clipped": False, "ratio_free": False, "value_clipped": False, "value_free": False,
                 "huber_linear": False, "huber_quadratic": False}
     for i in range(algo.n):
@@ -309,25 +333,29 @@ def test_mappo_losses_and_gradients_match_the_paper(monkeypatch: pytest.MonkeyPa
         outside = ((ratio - 1).abs() > cfg.clip) & active
         branches["ratio_clipped"] |= bool((outside & (r["adv"][:, i] * (ratio - 1) > 0)).any())
         branches["ratio_free"] |= bool((~outside & active).any())
+    for h in heads:
+        active = vw[:, h] > 0
 
         # Value loss (MAPPO appendix): max of the Huber errors of the new and of the clipped prediction,
         # clipped around the collection-time prediction in the same (normalised) units.
-        new = relu_mlp(layers_of(algo.critic.net.nets[i]), r["state"])[:, 0]
-        old = r["v_old"][:, i]
+        new = relu_mlp(layers_of(algo.critic.net.nets[h]), r["state"])[:, 0]
+        old = r["v_old"][:, h]
         clipped = old + torch.clamp(new - old, -cfg.value_clip, cfg.value_clip)
-        e_new, e_clip = target[:, i] - new, target[:, i] - clipped
+        e_new, e_clip = target[:, h] - new, target[:, h] - clipped
         per_sample = torch.max(huber(e_new, cfg.huber_delta), huber(e_clip, cfg.huber_delta))
-        vloss = wmean(per_sample, r["w"][:, i])
-        close(metrics[f"loss/value_{i}"], vloss.detach(), f"MAPPO value loss of agent {i}")
-        check_grads(rec.calls[algo.n + i], critic_params[i], torch.autograd.grad(vloss, critic_params[i]),
-                    f"MAPPO critic gradient of agent {i}")
+        vloss = wmean(per_sample, vw[:, h])
+        for i in range(algo.n) if algo.critic.shared else [h]:
+            close(metrics[f"loss/value_{i}"], vloss.detach(), f"MAPPO value loss of agent {i}")
+        check_grads(rec.calls[algo.n + h], critic_params[h], torch.autograd.grad(vloss, critic_params[h]),
+                    f"MAPPO critic gradient of network {h}")
         picks_clipped = (huber(e_clip, cfg.huber_delta) > huber(e_new, cfg.huber_delta)) & active
         branches["value_clipped"] |= bool(picks_clipped.any())
         branches["value_free"] |= bool((~picks_clipped & active).any())
         branches["huber_linear"] |= bool(((e_new.abs() > cfg.huber_delta) & active).any())
         branches["huber_quadratic"] |= bool(((e_new.abs() <= cfg.huber_delta) & active).any())
-    close(algo.critic.norm.running_mean, norm.m, "ValueNorm running mean")
-    close(algo.critic.norm.running_mean_sq, norm.sq, "ValueNorm running mean of squares")
+    if norm is not None:
+        close(algo.critic.norm.running_mean, norm.m, "ValueNorm running mean")
+        close(algo.critic.norm.running_mean_sq, norm.sq, "ValueNorm running mean of squares")
     missing = [k for k, hit in branches.items() if not hit]
     assert not missing, f"the fixed batch does not exercise {missing}: the comparison would be vacuous there"
 
