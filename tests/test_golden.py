@@ -181,9 +181,34 @@ def check_grads(recorded: dict[int, Tensor], params: list[nn.Parameter], expecte
 
 
 # ====================================================================== on-policy fixtures
-def onpolicy_spec(n: int = 3, action_dims: tuple[int, ...] = (3, 2, 3), obs: int = 4, masks: bool = True) -> EnvSpec:
+def onpolicy_spec(n: int = 3, action_dims: tuple[int, ...] = (3, 2, 3), obs: int = 4, masks: bool = True,
+                  continuous: bool = False) -> EnvSpec:
+    """Heterogeneous agents: agent 1 has fewer actions (a padded, always forbidden id) or fewer dimensions."""
+    bounds: dict[str, Any] = {}
+    if continuous:
+        bounds = {"action_low": tuple((-1.0,) * d for d in action_dims),
+                  "action_high": tuple((1.0,) * d for d in action_dims)}
     return EnvSpec(agent_ids=tuple(f"a{i}" for i in range(n)), obs_dims=(obs,) * n, state_dim=5,
-                   action_kind="discrete", action_dims=action_dims, has_action_mask=masks, episode_limit=T)
+                   action_kind="continuous" if continuous else "discrete", action_dims=action_dims,
+                   has_action_mask=masks and not continuous, episode_limit=T, **bounds)
+
+
+def gaussian_policy(mean: Tensor, log_std: Tensor, action: Tensor, dims: int) -> tuple[Tensor, Tensor]:
+    """Diagonal Gaussian over the agent's ``dims`` real dimensions (padding left out): (log pi(u), entropy)."""
+    mean, log_std, u = mean[..., :dims], log_std[:dims], action[..., :dims]
+    z = (u - mean) / log_std.exp()
+    logp = (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    entropy = (0.5 + 0.5 * math.log(2 * math.pi) + log_std).sum(-1).expand_as(logp)
+    return logp, entropy
+
+
+def agent_policy(actor: Any, i: int, obs: Tensor, allowed: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+    """Agent ``i``'s (log pi(a | o), entropy) from its raw weights: masked categorical or diagonal Gaussian."""
+    out = relu_mlp(layers_of(actor.body.nets[i]), obs)
+    if actor.discrete:
+        logp, entropy, _ = masked_policy(out, allowed, action)
+        return logp, entropy
+    return gaussian_policy(out, actor.log_std[i], action, int(actor.dim_mask[i].sum()))
 
 
 def onpolicy_algo(name: str, spec: EnvSpec, reward: str = "individual", **cfg: Any) -> Any:
@@ -217,10 +242,16 @@ def fill_rollout(algo: Any, seed: int = 0, masks: bool = True) -> Rollout:
         behaviour = copy.deepcopy(algo.actor)
         for p in behaviour.parameters():
             p.add_(0.8 * torch.randn(p.shape, generator=g))
-        logits = torch.stack([relu_mlp(layers_of(behaviour.body.nets[i]), obs[:T, :, i]) for i in range(n)], 2)
-        probs = torch.log_softmax(logits.masked_fill(~allowed, -math.inf), -1).exp()
-        action = torch.multinomial(probs.reshape(-1, A), 1, generator=g).reshape(T, E, n)
-        logp = masked_policy(logits, allowed, action)[0]
+        if spec.discrete:
+            logits = torch.stack([relu_mlp(layers_of(behaviour.body.nets[i]), obs[:T, :, i]) for i in range(n)], 2)
+            probs = torch.log_softmax(logits.masked_fill(~allowed, -math.inf), -1).exp()
+            action = torch.multinomial(probs.reshape(-1, A), 1, generator=g).reshape(T, E, n)
+        else:  # u = mu_b(o) + sigma_b * noise on every (also padded) dimension
+            mean = torch.stack([relu_mlp(layers_of(behaviour.body.nets[i]), obs[:T, :, i]) for i in range(n)], 2)
+            std = torch.stack([behaviour.log_std[i] for i in range(n)]).exp()
+            action = mean + std * torch.randn(mean.shape, generator=g)
+        logp = torch.stack([agent_policy(behaviour, i, obs[:T, :, i], allowed[:, :, i], action[:, :, i])[0]
+                            for i in range(n)], 2)
         collect_critic = copy.deepcopy(algo.critic.net)
         for p in collect_critic.parameters():
             p.add_(0.5 * torch.randn(p.shape, generator=g))
@@ -269,16 +300,16 @@ def ref_advantages(algo: Any, d: Rollout, norm: RefValueNorm | None) -> dict[str
     B = T * E
     w = d.active.reshape(B, n).to(adv.dtype)
     return {"adv": standardised(adv.reshape(B, n), w), "ret": (adv + v).reshape(B, n), "w": w,
-            "obs": d.obs.reshape(B, n, -1), "state": d.state.reshape(B, -1), "allowed": d.action_mask.reshape(B, n, -1),
-            "action": d.action.reshape(B, n), "logp_old": d.logp.reshape(B, n), "v_old": d.value.reshape(B, n)}
+            "obs": d.obs.reshape(B, n, -1), "state": d.state.reshape(B, -1),
+            "allowed": d.action_mask.reshape(B, n, -1), "action": d.action.reshape(B, n, *d.action.shape[3:]),
+            "logp_old": d.logp.reshape(B, n), "v_old": d.value.reshape(B, n)}
 
 
-def ref_actor_loss(actor_layers: list[tuple[Tensor, Tensor]], r: dict[str, Tensor], i: int, factor: Tensor,
-                   clip: float, ent_coef: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def ref_actor_loss(actor: Any, r: dict[str, Tensor], i: int, factor: Tensor, clip: float, ent_coef: float
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """HAPPO eq. 11 (MAPPO's surrogate when ``factor = 1``) for agent ``i``:
     ``-mean(M min(r A, clip(r, 1 - eps, 1 + eps) A)) - c_ent H``. Returns (loss, surrogate term, entropy, r)."""
-    logits = relu_mlp(actor_layers, r["obs"][:, i])
-    logp, ent, _ = masked_policy(logits, r["allowed"][:, i], r["action"][:, i])
+    logp, ent = agent_policy(actor, i, r["obs"][:, i], r["allowed"][:, i], r["action"][:, i])
     ratio = torch.exp(logp - r["logp_old"][:, i])
     a = r["adv"][:, i]
     obj = factor * torch.min(ratio * a, torch.clamp(ratio, 1 - clip, 1 + clip) * a)
@@ -291,11 +322,12 @@ def ref_actor_loss(actor_layers: list[tuple[Tensor, Tensor]], r: dict[str, Tenso
 # per_agent: one V_i(s) per agent on its own reward; shared: HARL's one V(s) on the team reward, a sample
 # counting where any agent is active. Value normalisation with statistics from earlier iterations, fresh
 # (the first update of a run: the variance floor and the debiasing clamp act), or switched off.
-@pytest.mark.parametrize(("critic", "value_norm"), [("per_agent", "seeded"), ("shared", "seeded"),
-                                                    ("per_agent", "fresh"), ("per_agent", "off")])
+@pytest.mark.parametrize(("critic", "value_norm", "continuous"), [
+    ("per_agent", "seeded", False), ("shared", "seeded", False), ("per_agent", "fresh", False),
+    ("per_agent", "off", False), ("per_agent", "seeded", True)])
 def test_mappo_losses_and_gradients_match_the_paper(monkeypatch: pytest.MonkeyPatch, critic: str,
-                                                    value_norm: str) -> None:
-    spec = onpolicy_spec()
+                                                    value_norm: str, continuous: bool) -> None:
+    spec = onpolicy_spec(action_dims=(2, 1, 2), continuous=True) if continuous else onpolicy_spec()
     algo = onpolicy_algo("mappo", spec, reward="team" if critic == "shared" else "individual", entropy_coef=0.05,
                          clip=0.2, value_clip=0.2, huber_delta=1.0, gamma=0.9, critic=critic,
                          value_norm=value_norm != "off")
@@ -323,8 +355,7 @@ def test_mappo_losses_and_gradients_match_the_paper(monkeypatch: pytest.MonkeyPa
     branches = {"ratio_clipped": False, "ratio_free": False, "value_clipped": False, "value_free": False,
                 "huber_linear": False, "huber_quadratic": False}
     for i in range(algo.n):
-        loss, pol, ent, ratio = ref_actor_loss(layers_of(algo.actor.body.nets[i]), r, i, torch.ones(T * E),
-                                               cfg.clip, cfg.entropy_coef)
+        loss, pol, ent, ratio = ref_actor_loss(algo.actor, r, i, torch.ones(T * E), cfg.clip, cfg.entropy_coef)
         close(metrics[f"loss/policy_{i}"], pol.detach(), f"MAPPO policy loss of agent {i}")
         close(metrics[f"loss/entropy_{i}"], ent.detach(), f"MAPPO entropy of agent {i}")
         check_grads(rec.calls[i], actor_params[i], torch.autograd.grad(loss, actor_params[i]),
@@ -361,8 +392,9 @@ def test_mappo_losses_and_gradients_match_the_paper(monkeypatch: pytest.MonkeyPa
 
 
 # ====================================================================== 2. HAPPO
-def test_happo_factor_and_sequential_gradients_match_eq_11(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = onpolicy_spec()
+@pytest.mark.parametrize("continuous", [False, True])
+def test_happo_factor_and_sequential_gradients_match_eq_11(monkeypatch: pytest.MonkeyPatch, continuous: bool) -> None:
+    spec = onpolicy_spec(action_dims=(2, 1, 2), continuous=True) if continuous else onpolicy_spec()
     algo = onpolicy_algo("happo", spec, entropy_coef=0.05, clip=0.2, lr=0.05, critic_epochs=0, gamma=0.9)
     seed_value_norm(algo)
     d = fill_rollout(algo, seed=1)
@@ -388,16 +420,13 @@ def test_happo_factor_and_sequential_gradients_match_eq_11(monkeypatch: pytest.M
     for m, i in enumerate(order):
         close(factors[m], M, f"HAPPO factor of the agent updated {m + 1}th")
         # The agent's loss at its own pre-update parameters, weighted by M (eq. 11).
-        old_layers = [(w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_())
-                      for w, b in layers_of(before.body.nets[i])]
-        loss, pol, _, ratio = ref_actor_loss(old_layers, r, i, M, cfg.clip, cfg.entropy_coef)
+        loss, pol, _, ratio = ref_actor_loss(before, r, i, M, cfg.clip, cfg.entropy_coef)
         close(metrics[f"loss/policy_{i}"], pol.detach(), f"HAPPO policy loss of agent {i}")
-        grads = torch.autograd.grad(loss, [t for wb in old_layers for t in wb])
+        grads = torch.autograd.grad(loss, before.agent_parameters(i))
         check_grads(rec.calls[m], algo.actor.agent_parameters(i), grads, f"HAPPO gradient of agent {i} (phase {m})")
         # M of the next agents: times this agent's ratio after its update (inactive samples: ratio 1).
         with torch.no_grad():
-            logits = relu_mlp(layers_of(algo.actor.body.nets[i]), r["obs"][:, i])
-            logp_new = masked_policy(logits, r["allowed"][:, i], r["action"][:, i])[0]
+            logp_new = agent_policy(algo.actor, i, r["obs"][:, i], r["allowed"][:, i], r["action"][:, i])[0]
             M = M * torch.exp((logp_new - r["logp_old"][:, i]) * r["w"][:, i])
         assert not torch.allclose(ratio.detach(), torch.exp(logp_new - r["logp_old"][:, i])), \
             f"agent {i} did not move: the factor of the next agents would not depend on its update"
