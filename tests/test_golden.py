@@ -18,6 +18,9 @@ Every fixed batch is checked to exercise the branches the equations have (clippe
 clipped and unclipped values, both Huber branches, masked actions, inactive agents, terminations and
 truncations, double-Q argmax differing from the target's), so that a changed sign or constant in
 pamarl changes a compared number.
+
+Length: one module for the five learners on purpose, since they share the plain-torch building blocks
+(MLP, masked policies, GAE, ValueNorm, double Q) that make the references independent of pamarl.
 """
 
 from __future__ import annotations
@@ -364,11 +367,10 @@ def test_mappo_losses_and_gradients_match_the_paper(monkeypatch: pytest.MonkeyPa
         outside = ((ratio - 1).abs() > cfg.clip) & active
         branches["ratio_clipped"] |= bool((outside & (r["adv"][:, i] * (ratio - 1) > 0)).any())
         branches["ratio_free"] |= bool((~outside & active).any())
+    # Value loss (MAPPO appendix): the max of the Huber errors of the new and of the clipped prediction,
+    # clipped around the collection-time prediction in the same (normalised) units.
     for h in heads:
         active = vw[:, h] > 0
-
-        # Value loss (MAPPO appendix): max of the Huber errors of the new and of the clipped prediction,
-        # clipped around the collection-time prediction in the same (normalised) units.
         new = relu_mlp(layers_of(algo.critic.net.nets[h]), r["state"])[:, 0]
         old = r["v_old"][:, h]
         clipped = old + torch.clamp(new - old, -cfg.value_clip, cfg.value_clip)
