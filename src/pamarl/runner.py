@@ -243,9 +243,11 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
     if resume:
         state = load_checkpoint(checkpoint or ckpt_dir / "latest.pt")
 
-    env = make_env(run.env, num_envs=run.num_envs, workers=run.env_workers, seed=run.seed, device=run.device)
+    env = make_env(run.env, num_envs=run.num_envs, workers=run.env_workers, seed=run.seed, device=run.device,
+                   backend=run.env_backend)
     eval_env = make_env(run.env, num_envs=min(run.eval_episodes, 8) or 1, workers=0, seed=run.seed + 99_991,
                         device=run.device)
+    algo: Algorithm | None = None
     try:
         spec = env.spec
         algo = make_algorithm(run, algo_cfg, spec)
@@ -273,6 +275,8 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
     finally:
         env.close()
         eval_env.close()
+        if algo is not None:
+            algo.close()
 
 
 def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedEnv, logger: MetricsLogger,
