@@ -219,6 +219,10 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
     try:
         spec = env.spec
         algo = make_algorithm(run, algo_cfg, spec)
+        for e in (env, eval_env):  # two-team envs whose opponent is a lagged copy of the learner (self-play)
+            attach = getattr(e, "attach_learner", None)
+            if attach is not None:
+                attach(algo)
         limit = cost_limit(run) if spec.has_cost else None
         if hasattr(algo, "set_cost_limit") and limit is not None:
             algo.set_cost_limit(limit)

@@ -24,6 +24,10 @@ BUILTIN = {
     "iql": "pamarl.algos.iql",
     "vdn": "pamarl.algos.vdn",
     "qmix": "pamarl.algos.qmix",
+    "mfq": "pamarl.algos.mfq",
+    "il": "pamarl.algos.il",
+    "mfac": "pamarl.algos.mfac",
+    "ac": "pamarl.algos.ac",
 }
 
 
