@@ -117,8 +117,11 @@ class MAgentEnv(BatchedEnv):
         args = {**defaults, **reward_args}
         cls = mod._parallel_env
         base_seed = 0 if seed is None else int(seed)
-        self.copies = [cls(self.map_size, self.minimap, args, self.max_cycles, self.extra, None, base_seed + i)
-                       for i in range(self.num_envs)]
+        try:
+            self.copies = [cls(self.map_size, self.minimap, args, self.max_cycles, self.extra, None, base_seed + i)
+                           for i in range(self.num_envs)]
+        except AssertionError as e:  # magent2 checks its arguments with asserts (e.g. the smallest map)
+            raise UsageError(f"magent2/{task}: {e}") from e
         self.handles = list(self.copies[0].handles)
         self.two_teams = len(self.handles) == 2
         lt = info.default_team if team is None else int(team)

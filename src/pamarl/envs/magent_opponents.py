@@ -127,9 +127,11 @@ class ScriptOpponent(Opponent):
                 centre = env._obs[0][e, foes, -2:].mean(0) * env.map_size
                 mine = env._obs[1][e, idx, -2:] * env.map_size
                 direction = np.where(seen[:, None], direction, centre[None] - mine)
-            cost = ((direction[:, None, :] - moves[None]) ** 2).sum(-1)
+            # end next to the target (Chebyshev distance 1: in attack range), not on it (it is occupied)
+            rest = direction[:, None, :] - moves[None]
+            cost = (np.abs(rest).max(-1) - 1) ** 2 + 0.1 * (rest ** 2).sum(-1)
             cost[:, ~is_move] = np.inf
-            cost[:, stay] = (direction ** 2).sum(-1)
+            cost[:, stay] = (np.abs(direction).max(-1) - 1) ** 2 + 0.1 * (direction ** 2).sum(-1)
             mv = cost.argmin(1)
             acts[~can] = mv[~can]
             out[e, idx] = acts

@@ -1,0 +1,112 @@
+"""MAgent2 battles: the batched per-team wrapper, deaths, opponents, sides; MF-Q and IL beat a random team."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("magent2", reason="needs the magent extra: pip install 'pamarl[magent]'")
+
+from pamarl.envs.magent import MAgentEnv, winner  # noqa: E402
+from pamarl.envs.registry import make_env  # noqa: E402
+from pamarl.errors import UsageError  # noqa: E402
+
+SMALL = "magent2/battle_v4?map_size=20&max_cycles=60"
+
+
+def _stay(env: MAgentEnv) -> torch.Tensor:
+    d = env.moves(0)
+    stay = int(((d == 0).all(1)).nonzero()[0][0])
+    return torch.full((env.num_envs, env.spec.n_agents), stay)
+
+
+def test_spec_and_observation_layout() -> None:
+    env = make_env(SMALL, num_envs=2, seed=0)
+    assert isinstance(env, MAgentEnv)
+    s = env.spec
+    lay = s.obs_layout
+    assert lay is not None and lay.view == (13, 13, 5) and lay.grid == 20
+    assert s.n_agents == 12 and s.act_dim == 21 and s.obs_dim == 13 * 13 * 5 + 2 and not s.team_reward
+    o = env.reset(seed=0)
+    assert o.obs.shape == (2, 12, s.obs_dim) and bool(o.active.all()) and bool(o.first.all())
+    pos = (o.obs[..., -2:] * 20).round()
+    assert len({tuple(p) for p in pos[0].tolist()}) == 12  # one agent per cell
+    env.close()
+
+
+def test_deaths_are_terminal_for_the_agent_and_the_episode_ends_when_a_side_is_wiped_out() -> None:
+    env = make_env("magent2/battle_v4?map_size=20&max_cycles=300&opponent=script", num_envs=1, seed=0)
+    obs = env.reset(seed=0)
+    stay = _stay(env)
+    seen_death = False
+    for _ in range(200):
+        st = env.step(stay)
+        died = obs.active & ~st.final.active
+        if bool(died.any()) and not bool(st.terminated.any()):
+            seen_death = True
+            # the dying agent's reward of that step includes the death penalty; it stays inactive after
+            assert bool((st.reward[died] < 0).all())
+            assert not bool((st.next.active & died).any())
+        if bool(st.terminated.any()):
+            assert int(st.final.active.sum()) == 0  # the still team was wiped out by the script
+            assert bool(st.next.active.all()) and bool(st.next.first.all())  # already the next episode
+            break
+        obs = st.next
+    else:
+        pytest.fail("the scripted team never wiped out a team that stands still")
+    assert seen_death
+    out = env.outcomes[-1]
+    assert out["win"] == 0.0 and out["deaths"] == 12 and out["learner_alive"] == 0
+    env.close()
+
+
+def test_step_limit_truncates_and_sides_swap() -> None:
+    env = make_env("magent2/battle_v4?map_size=20&max_cycles=5", num_envs=2, seed=0)
+    assert isinstance(env, MAgentEnv)
+    env.reset(seed=0)
+    sides = env.side.copy()
+    for _ in range(5):
+        st = env.step(torch.zeros(2, 12, dtype=torch.long))
+    assert bool(st.truncated.all()) and not bool(st.terminated.any()) and len(st.episodes) == 2
+    assert (env.side == 1 - sides).all() and sides.tolist() == [0, 1]
+    env.close()
+
+
+def test_opponents_and_options() -> None:
+    # the scripted opponent beats a random team clearly
+    env = make_env(SMALL + "&opponent=random", num_envs=2, seed=1)
+    assert isinstance(env, MAgentEnv)
+    from pamarl.envs.magent_opponents import ScriptOpponent
+
+    env.opponent = ScriptOpponent(env)
+    env.reset(seed=1)
+    g = torch.Generator().manual_seed(0)
+    while len(env.outcomes) < 4:
+        env.step(torch.randint(0, 21, (2, 12), generator=g))
+    assert sum(o["win"] for o in env.outcomes[:4]) == 0 and sum(o["deaths"] for o in env.outcomes[:4]) >= 30
+    env.close()
+    with pytest.raises(UsageError, match="unknown opponent"):
+        make_env(SMALL + "&opponent=ghost")
+    with pytest.raises(UsageError, match="symmetric"):
+        make_env("magent2/tiger_deer_v4?opponent=self")
+    with pytest.raises(UsageError, match="unknown option"):
+        make_env(SMALL + "&kill_reward=3")
+    with pytest.raises(UsageError, match="at least"):
+        make_env("magent2/battlefield_v5?map_size=20")
+    with pytest.raises(UsageError, match="checkpoint"):
+        make_env(SMALL + "&opponent=checkpoint:/nonexistent")
+
+
+@pytest.mark.parametrize("task", ["battlefield_v5", "adversarial_pursuit_v4", "gather_v5", "tiger_deer_v4"])
+def test_other_tasks_step(task: str) -> None:
+    env = make_env(f"magent2/{task}?max_cycles=3&map_size={50 if task == 'battlefield_v5' else 30}", num_envs=2, seed=0)
+    obs = env.reset(seed=0)
+    for _ in range(3):
+        st = env.step(torch.randint(0, env.spec.act_dim, (2, env.spec.n_agents)))
+    assert bool(st.truncated.all()) and len(st.episodes) == 2 and obs.obs.shape[1] == env.spec.n_agents
+    env.close()
+
+
+def test_winner_rule() -> None:
+    assert winner((3, 2)) == 1.0 and winner((0, 1)) == 0.0
+    assert winner((2, 2), (5.0, 4.0)) == 1.0 and winner((2, 2), (4.0, 4.0)) == 0.5
