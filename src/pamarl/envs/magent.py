@@ -138,10 +138,15 @@ class MAgentEnv(BatchedEnv):
             self.n_opp = sizes[1 - lt] if self.two_teams else 0
         self.side = np.array([(lt + i) % 2 if self.swap else lt for i in range(self.num_envs)], dtype=np.int64)
         hv = self.handles[lt]
-        self.view = tuple(int(x) for x in g0.get_view_space(hv))
-        f = int(g0.get_feature_space(hv)[0])
-        self.feat = f if self.extra else (2 if self.minimap else 0)
-        self.obs_dim = int(np.prod(self.view)) + self.feat + 2
+        # Per role (0 learner, 1 opponent): the teams of the asymmetric tasks see different views.
+        self.layouts: list[ObsLayout] = []
+        for h in [hv] + ([self.handles[1 - lt]] if self.two_teams else []):
+            f = int(g0.get_feature_space(h)[0])
+            view = tuple(int(x) for x in g0.get_view_space(h))
+            self.layouts.append(ObsLayout(view=(view[0], view[1], view[2]),
+                                          features=f if self.extra else (2 if self.minimap else 0), grid=self.map_size))
+        self.role_obs_dim = [int(np.prod(la.view)) + la.features + 2 for la in self.layouts]
+        self.view, self.feat, self.obs_dim = self.layouts[0].view, self.layouts[0].features, self.role_obs_dim[0]
         self.n_actions = int(g0.get_action_space(hv)[0])
         self.n_actions_opp = int(g0.get_action_space(self.handles[1 - lt])[0]) if self.two_teams else 0
         if info.symmetric and self.n_actions_opp != self.n_actions:
@@ -154,7 +159,7 @@ class MAgentEnv(BatchedEnv):
             action_dims=(self.n_actions,) * self.n,
             episode_limit=self.max_cycles,
             team_reward=False,
-            obs_layout=ObsLayout(view=self.view, features=self.feat, grid=self.map_size),  # type: ignore[arg-type]
+            obs_layout=self.layouts[0],
         )
         E = self.num_envs
         self._base = np.zeros((E, len(self.handles)), np.int64)
@@ -209,8 +214,9 @@ class MAgentEnv(BatchedEnv):
                 continue
             nv = view.shape[1] * view.shape[2] * view.shape[3]
             ob[slots, :nv] = view.reshape(len(ids), -1)
-            if self.feat:
-                ob[slots, nv:nv + self.feat] = feat[:, -self.feat:] if not self.extra else feat
+            nf = self.layouts[role].features
+            if nf:
+                ob[slots, nv:nv + nf] = feat[:, -nf:] if not self.extra else feat
             ob[slots, -2:] = g.get_pos(h) / float(self.map_size)
             al[slots] = g.get_alive(h) if pre_clear else True
             hp_ch = 2  # my_team_hp channel at the agent's own (centre) cell
@@ -252,7 +258,7 @@ class MAgentEnv(BatchedEnv):
     def _alloc(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         E = self.num_envs
         roles = 2 if self.two_teams else 1
-        obs = [np.zeros((E, self.role_size(r), self.obs_dim), np.float32) for r in range(roles)]
+        obs = [np.zeros((E, self.role_size(r), self.role_obs_dim[r]), np.float32) for r in range(roles)]
         alive = [np.zeros((E, self.role_size(r)), bool) for r in range(roles)]
         return obs, alive
 

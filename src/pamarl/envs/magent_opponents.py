@@ -85,31 +85,34 @@ class ScriptOpponent(Opponent):
     """Attack the weakest enemy in attack range; else step towards the nearest enemy in view; else towards
     the enemy team's centre. Vectorised over the team."""
 
-    def __init__(self, env: MAgentEnv, explore: bool = False, refresh: int = 50):
+    def __init__(self, env: MAgentEnv, explore: bool = False, refresh: int = 50, role: int = 1):
         super().__init__(env, explore, refresh)
         self._v2a: dict[int, tuple[int, np.ndarray]] = {}
+        self.role = role
+        """Which team it plays: 1 the env's opponent, 0 the learner's side (``pamarl battle``)."""
 
     def act(self, env: MAgentEnv) -> np.ndarray:
-        H, W, C = env.view
+        H, W, C = env.layouts[self.role].view
         per_group = 3 if env.minimap else 2
         pres, hp_ch = 1 + per_group, 2 + per_group
-        moves = env.moves(1).astype(np.float32)
+        me, foe = self.role, 1 - self.role
+        moves = env.moves(me).astype(np.float32)
         is_move = (np.abs(moves).sum(1) > 0)
         stay = int(np.nonzero(~is_move)[0][0])
         dy, dx = np.mgrid[0:H, 0:W]
         dx, dy = dx - W // 2, dy - H // 2
         dist = (np.abs(dx) + np.abs(dy)).astype(np.float32).reshape(-1)
-        out = np.full((env.num_envs, env.n_opp), stay, np.int64)
+        out = np.full((env.num_envs, env.role_size(me)), stay, np.int64)
         for e in range(env.num_envs):
-            alive = env._alive[1][e]
+            alive = env._alive[me][e]
             if not alive.any():
                 continue
-            gi = env.handles.index(env.role_handle(e, 1))
+            gi = env.handles.index(env.role_handle(e, me))
             if gi not in self._v2a:
-                self._v2a[gi] = env.copies[e].env.get_view2attack(env.role_handle(e, 1))
+                self._v2a[gi] = env.copies[e].env.get_view2attack(env.role_handle(e, me))
             base, v2a = self._v2a[gi]
             idx = np.nonzero(alive)[0]
-            view = env._obs[1][e, idx, : H * W * C].reshape(len(idx), H, W, C)
+            view = env._obs[me][e, idx, : H * W * C].reshape(len(idx), H, W, C)
             enemy = view[..., pres] > 0
             hp = view[..., hp_ch]
             att = (enemy & (v2a >= 0)[None]).reshape(len(idx), -1)
@@ -122,10 +125,10 @@ class ScriptOpponent(Opponent):
             ncell = near.argmin(1)
             seen = np.isfinite(near.min(1))
             direction = np.stack([dx.reshape(-1)[ncell], dy.reshape(-1)[ncell]], 1).astype(np.float32)
-            foes = env._alive[0][e]
+            foes = env._alive[foe][e]
             if foes.any():
-                centre = env._obs[0][e, foes, -2:].mean(0) * env.map_size
-                mine = env._obs[1][e, idx, -2:] * env.map_size
+                centre = env._obs[foe][e, foes, -2:].mean(0) * env.map_size
+                mine = env._obs[me][e, idx, -2:] * env.map_size
                 direction = np.where(seen[:, None], direction, centre[None] - mine)
             # end next to the target (Chebyshev distance 1: in attack range), not on it (it is occupied)
             rest = direction[:, None, :] - moves[None]
@@ -192,9 +195,9 @@ def clone_policy(algo: Any, num_envs: int) -> Any:
     return twin
 
 
-def load_policy(path: str, env: MAgentEnv) -> Any:
+def load_policy(path: str, env: MAgentEnv, role: int = 1) -> Any:
     """A trained algorithm from a run directory (its ``checkpoints/final.pt`` or ``latest.pt``) or a
-    checkpoint file inside one, rebuilt for this env's opponent team."""
+    checkpoint file inside one, rebuilt for this env's opponent team (``role=1``) or learner team (0)."""
     from pamarl.checkpoint import load_checkpoint
     from pamarl.runner import load_run_config, make_algorithm
 
@@ -210,9 +213,10 @@ def load_policy(path: str, env: MAgentEnv) -> Any:
     run, cfg = load_run_config(run_dir)
     run = dataclasses.replace(run, num_envs=env.num_envs, device="cpu")
     spec = env.spec
-    if env.n_opp != spec.n_agents:
-        spec = dataclasses.replace(spec, agent_ids=tuple(f"agent_{i}" for i in range(env.n_opp)),
-                                   obs_dims=(env.obs_dim,) * env.n_opp, action_dims=(env.n_actions,) * env.n_opp)
+    if role == 1:
+        n, d = env.n_opp, env.role_obs_dim[1]
+        spec = dataclasses.replace(spec, agent_ids=tuple(f"agent_{i}" for i in range(n)), obs_dims=(d,) * n,
+                                   action_dims=(env.n_actions_opp,) * n, obs_layout=env.layouts[1])
     algo = make_algorithm(run, cfg, spec)
     state = load_checkpoint(ck)["algo"]
     try:
