@@ -110,3 +110,17 @@ def test_other_tasks_step(task: str) -> None:
 def test_winner_rule() -> None:
     assert winner((3, 2)) == 1.0 and winner((0, 1)) == 0.0
     assert winner((2, 2), (5.0, 4.0)) == 1.0 and winner((2, 2), (4.0, 4.0)) == 0.5
+
+
+def test_battle_smoke_preset_writes_tables_plot_and_gif(tmp_path) -> None:
+    from pamarl.cli import main
+
+    out = tmp_path / "battle"
+    assert main(["battle", "--preset", "smoke", "--out", str(out), "--render", str(out / "b.gif")]) == 0
+    for f in ("battle.csv", "summary.csv", "summary.md", "b.gif"):
+        assert (out / f).is_file()
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("a,b,episodes,win,win_ci95") and len(rows) == 3
+    # the scripted team beats the random one from both sides
+    assert rows[2].startswith("script,random,2,1.0")
+    assert main(["battle", "random"]) == 2  # a tournament needs two entrants
