@@ -53,6 +53,7 @@ class TrainResult:
     first_return: float | None
     last_return: float | None
     final_eval: dict[str, float] = field(default_factory=dict)
+    n_agents: int = 0
 
     @property
     def steps_per_s(self) -> float:
@@ -335,7 +336,8 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
         logger.close()
     wall = time.perf_counter() - t_start
     result = TrainResult(run_dir=run_dir, iterations=total_iters, env_steps=env_steps, wall_s=wall,
-                         first_return=first_ret, last_return=last_ret, final_eval=final_eval)
+                         first_return=first_ret, last_return=last_ret, final_eval=final_eval,
+                         n_agents=env.spec.n_agents)
     summary = {
         "algo": run.algo, "env": run.env, "seed": run.seed, "env_steps": env_steps, "iterations": total_iters,
         "wall_s": round(wall, 2), "env_steps_per_s": round(result.steps_per_s, 1),
