@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from pamarl.algos.offpolicy import ActorCriticAlgorithm, ActorCriticConfig, td_target, team_reward
+from pamarl.algos.actor_critic import ActorCriticAlgorithm, ActorCriticConfig
+from pamarl.algos.offpolicy import td_target, team_reward
 from pamarl.algos.registry import register
 from pamarl.buffers.replay import TransitionBatch
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pamarl.algos.actor_critic import ActorCriticConfig
 from pamarl.algos.haddpg import HADDPG
-from pamarl.algos.offpolicy import ActorCriticConfig
 from pamarl.algos.registry import register
 from pamarl.buffers.replay import TransitionBatch
 from pamarl.errors import UsageError

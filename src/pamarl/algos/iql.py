@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from pamarl.algos.offpolicy import ValueBasedAlgorithm, ValueConfig, td_target
+from pamarl.algos.offpolicy import td_target
 from pamarl.algos.registry import register
+from pamarl.algos.value_based import ValueBasedAlgorithm, ValueConfig
 
 
 @register

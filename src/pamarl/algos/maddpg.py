@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pamarl.algos.offpolicy import ActorCriticAlgorithm, ActorCriticConfig, td_target
+from pamarl.algos.actor_critic import ActorCriticAlgorithm, ActorCriticConfig
+from pamarl.algos.offpolicy import td_target
 from pamarl.algos.registry import register
 from pamarl.buffers.replay import TransitionBatch
 from pamarl.errors import UsageError

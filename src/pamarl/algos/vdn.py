@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from pamarl.algos.offpolicy import ValueBasedAlgorithm, ValueConfig
 from pamarl.algos.registry import register
+from pamarl.algos.value_based import ValueBasedAlgorithm, ValueConfig
 from pamarl.nets.mixers import VDNMixer
 
 
