@@ -93,7 +93,7 @@ def play(env_id: str, a: Entrant, b: Entrant, episodes: int, seed: int, sample: 
         policy = load_policy(a.path, env, role=0)
     rand = Opponent(env)
     script = ScriptOpponent(env, role=0)
-    frames: list[np.ndarray] = []
+    frames: list[Any] = []
     try:
         obs = env.reset(seed=seed)
         rand.seed(seed + 1)
