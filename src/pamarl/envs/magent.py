@@ -264,11 +264,12 @@ class MAgentEnv(BatchedEnv):
 
     def _batch(self, obs: np.ndarray, alive: np.ndarray, first: np.ndarray) -> BatchObs:
         dev = self.device
+        # No copies: every step writes fresh arrays (_alloc), so published ones are never written again.
         b = BatchObs(
-            obs=torch.from_numpy(obs.copy()).to(dev),
+            obs=torch.from_numpy(obs).to(dev),
             state=torch.from_numpy(self._state()).to(dev),
             action_mask=torch.ones(*alive.shape, self.n_actions, dtype=torch.bool, device=dev),
-            active=torch.from_numpy(alive.copy()).to(dev),
+            active=torch.from_numpy(alive).to(dev),
         )
         b.first = torch.from_numpy(first.copy()).to(dev)  # type: ignore[attr-defined]  # one line once BatchObs has it
         return b
