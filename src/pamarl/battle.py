@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         cmds, hours = paper_plan(out / "runs")
         print(f"paper preset: {len(PAPER_ALGOS)} algorithms x {PAPER_ROUNDS} self-play rounds of up to 400 steps on "
               f"{PAPER_ENV}, then cross-play; estimated training time on this machine: {hours:.1f} h (one core each, "
-              "sequential; rounds that end early make it shorter)")
+              "sequential; from a 400-step timed run of each algorithm just now, so other load on the machine "
+              "inflates it; rounds that end early make it shorter)")
         for c in cmds:
             print("  " + " ".join(f'"{x}"' if "?" in x else x for x in c))
         if not args.train:
