@@ -44,8 +44,11 @@ def raw_env_speed(env_id: str, num_envs: int, workers: int, steps: int, seed: in
 def raw_engine_agent_steps(env_id: str, steps: int, seed: int = 0) -> float | None:
     """MAgent2 only: agent-steps (both teams) per CPU second of the bare engine under random actions
     (set_action / step / get_reward / get_observation / clear_dead per team, no wrapper, no learning)."""
+    from pamarl.envs.registry import make_env, parse_env_id
+
+    if parse_env_id(env_id)[0] != "magent2":  # magent2 is an optional extra: never import it otherwise
+        return None
     from pamarl.envs.magent import MAgentEnv
-    from pamarl.envs.registry import make_env
 
     env = make_env(env_id, num_envs=1, seed=seed)
     if not isinstance(env, MAgentEnv):
