@@ -168,3 +168,11 @@ def test_learns_to_beat_a_random_team(name: str, tmp_path) -> None:
     assert baseline["kills"] < 1.0
     assert learned["win"] >= 0.8, learned
     assert learned["kills"] >= baseline["kills"] + 1.5 and learned["deaths"] <= 1.0, (learned, baseline)
+
+
+def test_bench_counts_engine_agent_steps_on_magent_only() -> None:
+    from pamarl.bench import raw_engine_agent_steps
+
+    assert raw_engine_agent_steps("mpe/simple_spread_v3", 5) is None
+    v = raw_engine_agent_steps("magent2/battle_v4?map_size=20&max_cycles=10", 20)
+    assert v is not None and v > 0
