@@ -176,3 +176,30 @@ def test_bench_counts_engine_agent_steps_on_magent_only() -> None:
     assert raw_engine_agent_steps("mpe/simple_spread_v3", 5) is None
     v = raw_engine_agent_steps("magent2/battle_v4?map_size=20&max_cycles=10", 20)
     assert v is not None and v > 0
+
+
+def test_self_play_opponent_is_a_lagged_copy_refreshed_by_rule() -> None:
+    from pamarl.algos.mfq import MFQ, MFQConfig
+    from pamarl.config import TrainConfig, build
+    from pamarl.envs.magent_opponents import PolicyOpponent
+
+    env = make_env("magent2/battle_v4?map_size=20&max_cycles=2&opponent=self&self_refresh=2&self_pool=2",
+                   num_envs=1, seed=0)
+    assert isinstance(env, MAgentEnv) and isinstance(env.opponent, PolicyOpponent)
+    cfg = build(MFQConfig, {"conv_channels": [4], "embed": 8, "mean_embed": 4, "hidden": [8]}, "mfq")
+    learner = MFQ(env.spec, cfg, TrainConfig(algo="mfq", num_envs=1), torch.device("cpu"))
+    env.attach_learner(learner)
+    opp = env.opponent
+    w0 = opp.algo.qnet.head[0].weight.clone()
+    assert torch.equal(w0, learner.qnet.head[0].weight)  # starts as a copy
+    with torch.no_grad():
+        learner.qnet.head[0].weight.add_(1.0)  # the learner moves on
+    obs = env.reset(seed=0)
+    for _ in range(2):  # one episode: no refresh yet
+        obs = env.step(learner.act(obs).env_action).next
+    assert opp.refreshes == 1 and torch.equal(opp.algo.qnet.head[0].weight, w0)
+    for _ in range(2):  # the second finished episode refreshes: the pool holds the newest snapshot only
+        obs = env.step(learner.act(obs).env_action).next
+    assert opp.refreshes == 2 and len(opp.pool) == 1
+    assert torch.equal(opp.algo.qnet.head[0].weight, learner.qnet.head[0].weight)
+    env.close()

@@ -26,8 +26,10 @@ Opponents (``opponent=``, computed inside the wrapper with one batched call per 
   else towards the enemy team's centre (MAgent2 ships no scripted policy; this is ours);
 * ``checkpoint:PATH`` -- a frozen trained model: a run directory or a checkpoint file inside one;
 * ``self`` -- a lagged copy of the learner, refreshed every ``self_refresh`` finished episodes (counted
-  over all copies) with the learner's current parameters; the runner attaches the learner
-  (:meth:`MAgentEnv.attach_learner`). Until then the opponent plays randomly.
+  over all copies) with the learner's current parameters; with ``self_pool=K > 1`` each refresh adds the
+  learner's parameters to a pool of the last ``K`` snapshots and the opponent plays one drawn uniformly from
+  it until the next refresh. The runner attaches the learner (:meth:`MAgentEnv.attach_learner`); until then
+  the opponent plays randomly.
 
 Sides. In the symmetric battles (``battle_v4``, ``battlefield_v5``) with ``swap=true`` (default) the
 learning team alternates between the red (left) and blue (right) group from one episode to the next
@@ -96,7 +98,7 @@ class MAgentEnv(BatchedEnv):
     def __init__(self, task: str, num_envs: int = 1, seed: int | None = None, device: str = "cpu",
                  map_size: int | None = None, max_cycles: int | None = None, minimap_mode: bool = False,
                  extra_features: bool = False, opponent: str = "random", team: int | None = None, swap: bool = True,
-                 self_refresh: int = 50, opponent_explore: bool = False, **reward_args: Any):
+                 self_refresh: int = 50, self_pool: int = 1, opponent_explore: bool = False, **reward_args: Any):
         info = TASKS[task]
         mod = importlib.import_module(info.module)
         defaults = dict(getattr(mod, info.reward_args_name, {}))
@@ -105,7 +107,7 @@ class MAgentEnv(BatchedEnv):
             raise UsageError(f"magent2/{task}: unknown option(s) {sorted(unknown)}; "
                              f"reward options: {sorted(defaults)}; "
                              "others: map_size, max_cycles, minimap_mode, extra_features, opponent, team, swap, "
-                             "self_refresh, opponent_explore")
+                             "self_refresh, self_pool, opponent_explore")
         self.task, self.info = task, info
         self.num_envs = int(num_envs)
         self.device = torch.device(device)
@@ -173,7 +175,8 @@ class MAgentEnv(BatchedEnv):
         self.opponent_kind = opponent
         self.opponent: Opponent | None = None
         if self.two_teams:
-            self.opponent = make_opponent(opponent, self, explore=bool(opponent_explore), refresh=int(self_refresh))
+            self.opponent = make_opponent(opponent, self, explore=bool(opponent_explore), refresh=int(self_refresh),
+                                          pool=int(self_pool))
         elif opponent not in ("random", "none"):
             raise UsageError(f"magent2/{task} has one team; it takes no opponent (got opponent={opponent!r})")
         self._deltas: np.ndarray | None = None

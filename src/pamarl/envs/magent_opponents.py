@@ -6,6 +6,7 @@ returns ``[E, n_opp]`` int actions (slots of dead agents are ignored by the env)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,9 +145,13 @@ class ScriptOpponent(Opponent):
 class PolicyOpponent(Opponent):
     """A frozen learner: a checkpoint, or a lagged copy of the learner (self-play)."""
 
-    def __init__(self, env: MAgentEnv, explore: bool = False, refresh: int = 50, path: str | None = None):
+    def __init__(self, env: MAgentEnv, explore: bool = False, refresh: int = 50, path: str | None = None,
+                 pool: int = 1):
         super().__init__(env, explore, refresh)
         self.self_play = path is None
+        self.pool: list[dict[str, Any]] = []
+        self.pool_size = max(1, int(pool))
+        """Self-play: snapshots kept; at each refresh the newest joins and the opponent plays a uniformly drawn one."""
         self.algo: Any = None
         self.learner: Any = None
         self.refreshes = 0
@@ -166,8 +171,14 @@ class PolicyOpponent(Opponent):
         self._since += 1
         if self.refresh > 0 and self._since >= self.refresh:
             self._since = 0
-            load_weights(self.algo, self.learner)
             self.refreshes += 1
+            if self.pool_size == 1:
+                load_weights(self.algo, self.learner)
+                return
+            self.pool = (self.pool + [copy.deepcopy(_weights(self.learner))])[-self.pool_size:]
+            pick = self.pool[int(self.rng.integers(len(self.pool)))]
+            f = getattr(self.algo, "load_policy_state_dict", None)
+            (f if f is not None else self.algo.load_state_dict)(pick)
 
     @torch.no_grad()
     def act(self, env: MAgentEnv) -> np.ndarray:
@@ -227,7 +238,7 @@ def load_policy(path: str, env: MAgentEnv, role: int = 1) -> Any:
     return algo
 
 
-def make_opponent(kind: str, env: MAgentEnv, explore: bool = False, refresh: int = 50) -> Opponent:
+def make_opponent(kind: str, env: MAgentEnv, explore: bool = False, refresh: int = 50, pool: int = 1) -> Opponent:
     kind = str(kind)
     if kind == "random":
         return Opponent(env, explore, refresh)
@@ -238,7 +249,7 @@ def make_opponent(kind: str, env: MAgentEnv, explore: bool = False, refresh: int
     if kind == "self":
         if not env.info.symmetric:
             raise UsageError(f"opponent=self needs a symmetric task (battle_v4, battlefield_v5), not {env.task}")
-        return PolicyOpponent(env, explore, refresh)
+        return PolicyOpponent(env, explore, refresh, pool=pool)
     if kind.startswith("checkpoint:"):
         return PolicyOpponent(env, explore, 0, path=kind.split(":", 1)[1])
     raise UsageError(f"unknown opponent {kind!r}: use random, none, script, self or checkpoint:PATH")
