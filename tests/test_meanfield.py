@@ -35,7 +35,8 @@ def _obs(active: list[list[bool]], obs: torch.Tensor | None = None, A: int = 3) 
     act = torch.tensor(active)
     E, N = act.shape
     return BatchObs(obs=obs if obs is not None else torch.zeros(E, N, 4), state=torch.zeros(E, 1),
-                    action_mask=torch.ones(E, N, A, dtype=torch.bool), active=act)
+                    action_mask=torch.ones(E, N, A, dtype=torch.bool), active=act,
+                    first=torch.zeros(E, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------- mean action

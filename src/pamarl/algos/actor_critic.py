@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from pamarl.algos.base import ActOut, Metrics, Progress
-from pamarl.algos.offpolicy import OffPolicyAlgorithm, OffPolicyConfig, adam, frozen_copy, masked_argmax
+from pamarl.algos.common import adam
+from pamarl.algos.offpolicy import OffPolicyAlgorithm, OffPolicyConfig, frozen_copy, masked_argmax
 from pamarl.algos.schedules import sequential
 from pamarl.buffers.replay import TransitionBatch
 from pamarl.envs.base import BatchObs
@@ -102,17 +103,17 @@ class ActorCriticAlgorithm(OffPolicyAlgorithm):
             if explore and self.warming_up():
                 logits = torch.zeros_like(logits).masked_fill(logits <= -1e8, -1e9)
             if explore:  # Gumbel-max: a sample of softmax(logits), the policy MADDPG's relaxation trains
-                u = torch.rand(logits.shape, generator=g).to(self.device).clamp(1e-20, 1.0)
+                u = torch.rand(logits.shape, generator=g, device=self.device).clamp(1e-20, 1.0)
                 logits = logits - torch.log(-torch.log(u))
             a = logits.argmax(-1)
         else:
             a = self.actor.squash(pre)
             if explore and self.warming_up():
-                a = (torch.rand(a.shape, generator=g).to(self.device) * 2 - 1) * self.actor.dim_mask
+                a = (torch.rand(a.shape, generator=g, device=self.device) * 2 - 1) * self.actor.dim_mask
             elif explore and self.cfg.expl_noise > 0:
-                noise = torch.randn(a.shape, generator=g).to(self.device) * self.cfg.expl_noise
+                noise = torch.randn(a.shape, generator=g, device=self.device) * self.cfg.expl_noise
                 a = (a + noise).clamp(-1.0, 1.0) * self.actor.dim_mask
-        return ActOut(env_action=self.actor.to_env(a).cpu(), extras={"action": a})
+        return ActOut(env_action=self.actor.to_env(a), action=a)
 
     # ------------------------------------------------------------------ critic helpers
     def critic_x(self, state: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:

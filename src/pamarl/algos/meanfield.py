@@ -93,8 +93,7 @@ def mf_target(reward: torch.Tensor, done: torch.Tensor, value: torch.Tensor, gam
 # ====================================================================== acting state
 class MeanActionTracker:
     """Remembers each env copy's previous actions (per acting stream: training / evaluation) and builds
-    the mean action the agents condition on. Episode starts come from ``obs.first`` when the env reports
-    them, else from :meth:`episodes_ended` (training) or every ``episode_limit`` steps (evaluation)."""
+    the mean action the agents condition on; ``obs.first`` marks where an episode starts (uniform there)."""
 
     def __init__(self, spec: EnvSpec, mode: str, radius: int):
         if mode not in ("team", "radius"):
@@ -106,8 +105,6 @@ class MeanActionTracker:
         self.spec, self.mode, self.radius = spec, mode, int(radius)
         self.n_actions = spec.act_dim
         self.prev: dict[bool, tuple[torch.Tensor, torch.Tensor] | None] = {True: None, False: None}
-        self.steps: dict[bool, int] = {True: 0, False: 0}
-        self.ended: torch.Tensor | None = None
         self.last_stream: bool | None = None
 
     def positions(self, obs: torch.Tensor) -> torch.Tensor:
@@ -130,18 +127,9 @@ class MeanActionTracker:
         E, N = obs.active.shape
         if explore != self.last_stream and not explore:
             self.prev[False] = None  # a new evaluation starts when acting switches from training
-            self.steps[False] = 0
         self.last_stream = explore
         prev = self.prev[explore]
-        first = getattr(obs, "first", None)
-        if first is None:
-            first = torch.zeros(E, dtype=torch.bool)
-            limit = self.spec.episode_limit
-            if explore and self.ended is not None:
-                first = self.ended.cpu()
-            elif not explore and limit and self.steps[False] % limit == 0:
-                first = torch.ones(E, dtype=torch.bool)
-        first = first.to(device)
+        first = obs.first.to(device)
         if prev is None or prev[0].shape != (E, N):
             return uniform_like(torch.zeros(E, N, device=device), self.n_actions)
         m = self.mean(prev[0], prev[1], obs)
@@ -149,17 +137,9 @@ class MeanActionTracker:
 
     def record(self, actions: torch.Tensor, obs: BatchObs, explore: bool) -> None:
         self.prev[explore] = (actions, obs.active.to(actions.device))
-        self.steps[explore] += 1
-        if explore:
-            self.ended = None
-
-    def episodes_ended(self, done: torch.Tensor) -> None:
-        self.ended = done
 
     def reset(self) -> None:
         self.prev = {True: None, False: None}
-        self.steps = {True: 0, False: 0}
-        self.ended = None
 
 
 def check_homogeneous(spec: EnvSpec, name: str) -> None:

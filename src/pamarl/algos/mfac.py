@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 import torch
 
 from pamarl.algos.base import ActOut, Algorithm, LearnerConfig, Metrics, Progress
+from pamarl.algos.common import adam
 from pamarl.algos.meanfield import MeanActionTracker, agent_rows, check_homogeneous, mf_target, mf_value
-from pamarl.algos.offpolicy import adam
 from pamarl.algos.registry import register
 from pamarl.buffers.agent_replay import AgentReplay
 from pamarl.config import TrainConfig
@@ -90,6 +90,7 @@ class MFAC(Algorithm):
         self.params = list(self.actor.parameters()) + list(self.critic.parameters())
         self.opt = adam(self.params, cfg.lr, cfg.adam_eps)
         self.tracker = MeanActionTracker(spec, cfg.neighbourhood, cfg.radius) if self.mean_action else None
+        self._mean: torch.Tensor | None = None
         cap = max(1, run.num_envs * run.rollout_len * spec.n_agents)
         self.batch = AgentReplay(cap, spec.obs_dim, A, self.mean_dim, device, torch.float32)
         self.env_steps = 0
@@ -107,16 +108,13 @@ class MFAC(Algorithm):
             a = logits.argmax(-1)
         if self.tracker is not None:
             self.tracker.record(a, obs, explore)
-        extras = {"action": a}
-        if mean is not None:
-            extras["mean"] = mean
-        return ActOut(env_action=a.cpu(), extras=extras)
+        if explore:
+            self._mean = mean  # stored with the transition by observe, which the runner calls next
+        return ActOut(env_action=a.cpu(), action=a)
 
     def observe(self, obs: BatchObs, out: ActOut, step: BatchStep) -> None:
-        self.batch.add(agent_rows(obs, out.extras["action"], out.extras.get("mean"), step, self.tracker, self.device))
+        self.batch.add(agent_rows(obs, out.action, self._mean, step, self.tracker, self.device))
         self.env_steps += obs.obs.shape[0]
-        if self.tracker is not None:
-            self.tracker.episodes_ended(step.terminated | step.truncated)
 
     def reset_rollout(self) -> None:
         if self.tracker is not None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pamarl.algos.base import ActOut, Metrics
+from pamarl.algos.common import adam
 from pamarl.algos.meanfield import (
     MeanActionTracker,
     agent_rows,
@@ -36,7 +37,6 @@ from pamarl.algos.meanfield import (
 from pamarl.algos.offpolicy import (
     OffPolicyAlgorithm,
     OffPolicyConfig,
-    adam,
     double_q_value,
     frozen_copy,
     linear_schedule,
@@ -132,6 +132,7 @@ class MFQ(OffPolicyAlgorithm):
         self.targets = [(self.qnet, self.target_qnet)]
         self.opts = {"q": adam(self.qnet.parameters(), cfg.lr, cfg.adam_eps)}
         self.tracker = MeanActionTracker(spec, cfg.neighbourhood, cfg.radius) if self.mean_action else None
+        self._mean: torch.Tensor | None = None
 
     def make_replay(self) -> AgentReplay:  # type: ignore[override]
         return AgentReplay(self.cfg.buffer_size, self.spec.obs_dim, self.spec.act_dim, self.mean_dim, self.device,
@@ -159,13 +160,12 @@ class MFQ(OffPolicyAlgorithm):
             a = masked_argmax(q, mask)
         if self.tracker is not None:
             self.tracker.record(a, obs, explore)
-        extras = {"action": a}
-        if mean is not None:
-            extras["mean"] = mean
-        return ActOut(env_action=a.cpu(), extras=extras)
+        if explore:
+            self._mean = mean  # stored with the transition by observe, which the runner calls next
+        return ActOut(env_action=a.cpu(), action=a)
 
     def observe(self, obs: BatchObs, out: ActOut, step: BatchStep) -> None:
-        rows = agent_rows(obs, out.extras["action"], out.extras.get("mean"), step, self.tracker, self.device)
+        rows = agent_rows(obs, out.action, self._mean, step, self.tracker, self.device)
         assert isinstance(self.replay, AgentReplay)
         self.replay.add(rows)
         k = int(rows["action"].shape[0])
@@ -173,8 +173,6 @@ class MFQ(OffPolicyAlgorithm):
         self.replay_steps += k
         if self.learning():
             self._due += k / self.cfg.agent_steps_per_update
-        if self.tracker is not None:
-            self.tracker.episodes_ended(step.terminated | step.truncated)
 
     def reset_rollout(self) -> None:
         if self.tracker is not None:

@@ -27,18 +27,18 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from pamarl.algos.base import ActOut, Algorithm, LearnerConfig, Metrics, Progress
+from pamarl.algos.common import optimizer_step
 from pamarl.buffers.replay import EpisodeBatch, EpisodeReplay, ReplayBuffer, TransitionBatch
 from pamarl.config import TrainConfig
 from pamarl.envs.base import BatchObs, BatchStep, EnvSpec
-from pamarl.errors import TrainingError, UsageError
+from pamarl.errors import UsageError
 from pamarl.nets.qnets import masked_logits
 
 
@@ -68,8 +68,6 @@ class OffPolicyConfig(LearnerConfig):
     """Hidden layer sizes of the agent networks and critics."""
     agent_id: bool = True
     """With share_params, append a one-hot agent id to the agent networks' inputs."""
-    team_reward: str = "mean"
-    """How a team critic or mixer (VDN, QMIX, HADDPG, HATD3) turns per-agent rewards into one: 'mean' or 'sum'."""
     checkpoint_replay: bool = True
     """Save the replay in checkpoints (exact resume; checkpoints grow with the replay)."""
 
@@ -84,8 +82,6 @@ class OffPolicyConfig(LearnerConfig):
             raise UsageError("env_steps_per_update must be > 0; updates_per_iteration, target_update_interval >= 0")
         if self.n_step < 1:
             raise UsageError(f"n_step must be >= 1, got {self.n_step}")
-        if self.team_reward not in ("mean", "sum"):
-            raise UsageError(f"team_reward must be 'mean' or 'sum', got {self.team_reward!r}")
 
 
 
@@ -121,11 +117,6 @@ def max_q_value(q_target_next: torch.Tensor, next_mask: torch.Tensor) -> torch.T
     return masked_logits(q_target_next, next_mask).max(-1).values
 
 
-def team_reward(reward: torch.Tensor, how: str) -> torch.Tensor:
-    """Per-agent rewards ``[..., N]`` to one team reward ``[...]`` (mean or sum)."""
-    return reward.mean(-1) if how == "mean" else reward.sum(-1)
-
-
 def linear_schedule(start: float, finish: float, steps: int, t: int) -> float:
     """``start`` moving linearly to ``finish`` over ``steps``, then constant."""
     if steps <= 0:
@@ -155,21 +146,6 @@ def frozen_copy(module: M) -> M:
     for p in t.parameters():
         p.requires_grad_(False)
     return t
-
-
-def adam(params: Iterable[nn.Parameter], lr: float, eps: float) -> torch.optim.Optimizer:
-    """Adam with torch's default (foreach) implementation. Not ``fused=True``, although it is faster on
-    a CPU: fused steps do not bump the parameters' version counters, which AgentMLP's cache of stacked
-    weights relies on to notice that the weights changed."""
-    return torch.optim.Adam(list(params), lr=lr, eps=eps)
-
-
-def _clip(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    params = [p for p in params if p.grad is not None]
-    if max_norm > 0:
-        return nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [cast(torch.Tensor, p.grad) for p in params]
-    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
 
 
 # ====================================================================== template
@@ -216,11 +192,11 @@ class OffPolicyAlgorithm(Algorithm):
     # ------------------------------------------------------------------ replay
     @property
     def recurrent(self) -> bool:
-        return bool(getattr(self.cfg, "rnn", False))
+        """Whether this run's agents are recurrent (only learners declaring ``supports_recurrent`` can be)."""
+        return False
 
     def max_seq_len(self) -> int:
-        limit = self.spec.episode_limit
-        return int(limit) if limit else int(getattr(self.cfg, "max_seq_len", 100))
+        return int(self.spec.episode_limit or 100)
 
     def make_replay(self) -> ReplayBuffer | EpisodeReplay:
         if self.recurrent:
@@ -234,10 +210,10 @@ class OffPolicyAlgorithm(Algorithm):
         return self.replay.sample(batch_size, self.generator)
 
     def batch_size(self) -> int:
-        return int(getattr(self.cfg, "episode_batch", 1)) if self.recurrent else self.cfg.batch_size
+        return self.cfg.batch_size
 
     def observe(self, obs: BatchObs, out: ActOut, step: BatchStep) -> None:
-        self.replay.add(obs, out.extras["action"], step)
+        self.replay.add(obs, out.action, step)
         e = obs.obs.shape[0]
         self.env_steps += e
         self.replay_steps += e
@@ -299,23 +275,10 @@ class OffPolicyAlgorithm(Algorithm):
             metrics[k] = float(v) / counts[k]
         return metrics
 
-    @staticmethod
-    def check_finite(loss: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(loss).all():
-            raise TrainingError(
-                f"{what} became NaN/inf. Checkpoints already written are intact; lower the learning rate "
-                "(lr=..., critic_lr=...) or max_grad_norm and resume or restart."
-            )
-
     def step_optimizer(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[nn.Parameter],
                        what: str) -> torch.Tensor:
-        """Backward, clip and step; returns the gradient norm before clipping."""
-        self.check_finite(loss, what)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = _clip(params, self.cfg.max_grad_norm)
-        opt.step()
-        return norm.detach()
+        """Backward, clip and step (:func:`pamarl.algos.common.optimizer_step`); returns the gradient norm."""
+        return optimizer_step(opt, loss, params, self.cfg.max_grad_norm, what)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -12,20 +12,19 @@ import torch
 from torch import nn
 
 from pamarl.algos.base import ActOut, Metrics
+from pamarl.algos.common import adam
 from pamarl.algos.offpolicy import (
     OffPolicyAlgorithm,
     OffPolicyConfig,
-    adam,
     double_q_value,
     frozen_copy,
     linear_schedule,
     masked_argmax,
     max_q_value,
     td_target,
-    team_reward,
 )
 from pamarl.buffers.replay import EpisodeBatch, TransitionBatch
-from pamarl.envs.base import BatchObs, BatchStep
+from pamarl.envs.base import BatchObs
 from pamarl.errors import UsageError
 from pamarl.nets.qnets import AgentQNet
 
@@ -77,7 +76,19 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
 
     Config = ValueConfig
     action_kinds = ("discrete",)
+    supports_recurrent = True
     cfg: ValueConfig
+
+    @property
+    def recurrent(self) -> bool:
+        return self.cfg.rnn
+
+    def max_seq_len(self) -> int:
+        limit = self.spec.episode_limit
+        return int(limit) if limit else self.cfg.max_seq_len
+
+    def batch_size(self) -> int:
+        return self.cfg.episode_batch if self.recurrent else self.cfg.batch_size
 
     def build(self) -> None:
         cfg, spec = self.cfg, self.spec
@@ -97,11 +108,10 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
             params += list(self.mixer.parameters())
         self.params = params
         self.opts = {"q": adam(params, cfg.lr, cfg.adam_eps)}
+        # Recurrent states of the training rollout and of evaluations, kept apart so that an evaluation in
+        # the middle of a rollout never disturbs the training episodes.
         self.h_train: torch.Tensor | None = None
         self.h_eval: torch.Tensor | None = None
-        self._eval_t = 0
-        self._eval_hook = False
-        self._last_explore: bool | None = None
 
     def make_mixer(self) -> nn.Module | None:
         return None
@@ -114,57 +124,35 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
     def explore_metrics(self) -> Metrics:
         return {"train/epsilon": self.epsilon()}
 
-    def _hidden(self, explore: bool, batch: int) -> torch.Tensor | None:
+    def _hidden(self, first: torch.Tensor) -> torch.Tensor | None:
+        """The recurrent state to act from: zero where ``first`` marks an episode start (or none yet)."""
         if not self.recurrent:
             return None
-        if explore:
-            if self.h_train is None or self.h_train.shape[0] != batch:
-                self.h_train = self.qnet.init_hidden(batch, self.device)
-            return self.h_train
-        # Evaluation: the runner does not report eval episode ends yet, so a new evaluation is recognised
-        # by the switch from training, and episodes end every episode_limit steps (exact for fixed-length
-        # tasks; with :meth:`on_eval_step` called the real ends are used instead).
-        new_eval = self._last_explore is not False or self.h_eval is None or self.h_eval.shape[0] != batch
-        limit = self.spec.episode_limit
-        if new_eval or (not self._eval_hook and limit and self._eval_t % limit == 0):
-            self.h_eval = self.qnet.init_hidden(batch, self.device)
-            self._eval_t = 0
-        return self.h_eval
-
-    def begin_eval(self) -> None:
-        """Start of an evaluation (optional runner hook): forget the evaluation's recurrent states."""
-        self.h_eval = None
-
-    def on_eval_step(self, step: BatchStep) -> None:
-        """Optional runner hook after each evaluation step: reset the states of finished episodes."""
-        self._eval_hook = True
-        if self.h_eval is not None:
-            done = (step.terminated | step.truncated).to(self.device)
-            self.h_eval[done] = 0.0
+        h = self.h_eval if self.evaluating else self.h_train
+        if h is None or h.shape[0] != first.shape[0]:
+            return self.qnet.init_hidden(first.shape[0], self.device)
+        return h.masked_fill(first.to(self.device).view(-1, *[1] * (h.dim() - 1)), 0.0)
 
     @torch.no_grad()
     def act(self, obs: BatchObs, explore: bool = True) -> ActOut:
         o, mask = obs.obs.to(self.device), obs.action_mask.to(self.device)
-        h = self._hidden(explore, o.shape[0])
-        q, h = self.qnet(o, h)
-        if explore:
-            self.h_train = h
-        else:
+        q, h = self.qnet(o, self._hidden(obs.first))
+        if self.evaluating:
             self.h_eval = h
-            self._eval_t += 1
-        self._last_explore = explore
+        else:
+            self.h_train = h
         a = masked_argmax(q, mask)
         if explore:
+            g = self.generator
             allowed = (mask | ~mask.any(-1, keepdim=True)).float()
-            rand = torch.multinomial(allowed.reshape(-1, allowed.shape[-1]).cpu(), 1, generator=self.generator)
-            pick = torch.rand(a.shape, generator=self.generator) < self.epsilon()
-            a = torch.where(pick.to(self.device), rand.reshape(a.shape).to(self.device), a)
-        return ActOut(env_action=a.cpu(), extras={"action": a})
+            rand = torch.multinomial(allowed.reshape(-1, allowed.shape[-1]), 1, generator=g).reshape(a.shape)
+            pick = torch.rand(a.shape, generator=g, device=self.device) < self.epsilon()
+            a = torch.where(pick, rand, a)
+        return ActOut(env_action=a, action=a)
 
-    def after_observe(self, step: BatchStep) -> None:
-        if self.h_train is not None:
-            done = (step.terminated | step.truncated).to(self.device)
-            self.h_train[done] = 0.0
+    def evaluation(self):  # type: ignore[no-untyped-def]
+        self.h_eval = None  # every evaluation starts from reset envs
+        return super().evaluation()
 
     def reset_rollout(self) -> None:
         super().reset_rollout()
@@ -218,7 +206,7 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
         q_tot = self.mixer(p["q"] * p["active"], p["state"])
         with torch.no_grad():
             q_tot_next = self.target_mixer(p["q_next"] * p["next_active"], p["next_state"])
-            y = td_target(team_reward(p["reward"], self.cfg.team_reward), p["terminated"], q_tot_next, p["discount"])
+            y = td_target(self.team_reward(p["reward"]), p["terminated"], q_tot_next, p["discount"])
         loss = self.td_error_loss(q_tot - y, p["weight"])
         w = p["weight"]
         return loss, {"train/q_tot": (q_tot.detach() * w).sum() / w.sum(), "train/target": (y * w).sum() / w.sum()}

@@ -161,6 +161,7 @@ class MAgentEnv(BatchedEnv):
             action_dims=(self.n_actions,) * self.n,
             episode_limit=self.max_cycles,
             team_reward=False,
+            cooperative=False,  # individual rewards by default (the run's reward=auto)
             obs_layout=self.layouts[0],
         )
         E = self.num_envs
@@ -273,8 +274,8 @@ class MAgentEnv(BatchedEnv):
             state=torch.from_numpy(self._state()).to(dev),
             action_mask=torch.ones(*alive.shape, self.n_actions, dtype=torch.bool, device=dev),
             active=torch.from_numpy(alive).to(dev),
+            first=torch.from_numpy(first.copy()).to(dev),
         )
-        b.first = torch.from_numpy(first.copy()).to(dev)  # type: ignore[attr-defined]  # one line once BatchObs has it
         return b
 
     def opponent_obs(self) -> BatchObs:
