@@ -105,7 +105,6 @@ class MeanActionTracker:
         self.spec, self.mode, self.radius = spec, mode, int(radius)
         self.n_actions = spec.act_dim
         self.prev: dict[bool, tuple[torch.Tensor, torch.Tensor] | None] = {True: None, False: None}
-        self.last_stream: bool | None = None
 
     def positions(self, obs: torch.Tensor) -> torch.Tensor:
         lay = self.spec.obs_layout
@@ -122,21 +121,19 @@ class MeanActionTracker:
         return mean_action_radius(actions, alive, self.positions(now.obs.to(actions.device)), self.n_actions,
                                   lay.grid, self.radius)
 
-    def current(self, obs: BatchObs, explore: bool, device: torch.device) -> torch.Tensor:
-        """The mean action each agent conditions on now (``[E, N, A]``)."""
+    def current(self, obs: BatchObs, train: bool, device: torch.device) -> torch.Tensor:
+        """The mean action each agent conditions on now (``[E, N, A]``); ``train``: the training stream (else
+        the evaluation's, which has its own env copies)."""
         E, N = obs.active.shape
-        if explore != self.last_stream and not explore:
-            self.prev[False] = None  # a new evaluation starts when acting switches from training
-        self.last_stream = explore
-        prev = self.prev[explore]
+        prev = self.prev[train]
         first = obs.first.to(device)
         if prev is None or prev[0].shape != (E, N):
             return uniform_like(torch.zeros(E, N, device=device), self.n_actions)
         m = self.mean(prev[0], prev[1], obs)
         return torch.where(first.view(E, 1, 1), uniform_like(m[..., 0], self.n_actions), m)
 
-    def record(self, actions: torch.Tensor, obs: BatchObs, explore: bool) -> None:
-        self.prev[explore] = (actions, obs.active.to(actions.device))
+    def record(self, actions: torch.Tensor, obs: BatchObs, train: bool) -> None:
+        self.prev[train] = (actions, obs.active.to(actions.device))
 
     def reset(self) -> None:
         self.prev = {True: None, False: None}

@@ -99,7 +99,7 @@ class MFAC(Algorithm):
     @torch.no_grad()
     def act(self, obs: BatchObs, explore: bool = True) -> ActOut:
         o = obs.obs.to(self.device)
-        mean = self.tracker.current(obs, explore, self.device) if self.tracker is not None else None
+        mean = self.tracker.current(obs, not self.evaluating, self.device) if self.tracker is not None else None
         logits = self.actor(o).masked_fill(~obs.action_mask.to(self.device), -1e9)
         if explore:
             flat = torch.softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu()
@@ -107,8 +107,8 @@ class MFAC(Algorithm):
         else:
             a = logits.argmax(-1)
         if self.tracker is not None:
-            self.tracker.record(a, obs, explore)
-        if explore:
+            self.tracker.record(a, obs, not self.evaluating)
+        if not self.evaluating:
             self._mean = mean  # stored with the transition by observe, which the runner calls next
         return ActOut(env_action=a.cpu(), action=a)
 

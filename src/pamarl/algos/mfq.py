@@ -150,7 +150,7 @@ class MFQ(OffPolicyAlgorithm):
     @torch.no_grad()
     def act(self, obs: BatchObs, explore: bool = True) -> ActOut:
         o, mask = obs.obs.to(self.device), obs.action_mask.to(self.device)
-        mean = self.tracker.current(obs, explore, self.device) if self.tracker is not None else None
+        mean = self.tracker.current(obs, not self.evaluating, self.device) if self.tracker is not None else None
         q = self.qnet(o, mean)
         if explore:
             probs = boltzmann(q, self.temperature(), mask)
@@ -159,8 +159,8 @@ class MFQ(OffPolicyAlgorithm):
         else:
             a = masked_argmax(q, mask)
         if self.tracker is not None:
-            self.tracker.record(a, obs, explore)
-        if explore:
+            self.tracker.record(a, obs, not self.evaluating)
+        if not self.evaluating:
             self._mean = mean  # stored with the transition by observe, which the runner calls next
         return ActOut(env_action=a.cpu(), action=a)
 
