@@ -148,8 +148,12 @@ def _algo_names() -> list[str]:
 
 
 def _task_for(name: str) -> str:
-    kinds = get_algorithm(name).action_kinds
-    return "mpe/simple_speaker_listener_v4" if "discrete" in kinds else "mpe/simple_spread_v3?continuous=true&N=2"
+    cls = get_algorithm(name)
+    if cls.homogeneous_agents_only:
+        return "mpe/simple_spread_v3?N=4"
+    if "discrete" in cls.action_kinds:  # heterogeneous agents: padded observations and masked padded actions
+        return "mpe/simple_speaker_listener_v4"
+    return "mpe/simple_spread_v3?continuous=true&N=2"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -163,6 +167,8 @@ def test_every_algorithm_trains_evaluates_and_resumes_exactly(tmp_path, monkeypa
     small = {"hidden": (16,)}
     if "learning_starts" in cls.Config.__dataclass_fields__:
         small.update(learning_starts=16, batch_size=16)
+    if "checkpoint_replay" in cls.Config.__dataclass_fields__:
+        small.update(checkpoint_replay=True)  # exact resume needs the replay (mean-field defaults to false)
     kw = dict(algo=name, env=_task_for(name), num_envs=2, rollout_len=25, eval_every=1, eval_episodes=2,
               checkpoint_every=1, device=device, steps=150)
     full = train(quick_run(tmp_path, "full", **kw), cls.Config(**small))

@@ -139,14 +139,6 @@ class MeanActionTracker:
         self.prev = {True: None, False: None}
 
 
-def check_homogeneous(spec: EnvSpec, name: str) -> None:
-    """Mean-field methods share one network across a team of interchangeable agents."""
-    if len(set(spec.obs_dims)) > 1 or len(set(spec.action_dims)) > 1:
-        raise UsageError(f"{name} shares one network across many homogeneous agents; this task's agents differ "
-                         f"(observation sizes {sorted(set(spec.obs_dims))}, "
-                         f"action counts {sorted(set(spec.action_dims))})")
-
-
 def agent_rows(obs: BatchObs, action: torch.Tensor, mean: torch.Tensor | None, step: BatchStep,
                tracker: MeanActionTracker | None, device: torch.device) -> dict[str, torch.Tensor]:
     """One row per agent alive at ``t``: ``(o, a, mean_a, r, o', mean_a', done)``.

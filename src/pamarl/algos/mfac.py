@@ -22,7 +22,7 @@ import torch
 
 from pamarl.algos.base import ActOut, Algorithm, LearnerConfig, Metrics, Progress
 from pamarl.algos.common import adam
-from pamarl.algos.meanfield import MeanActionTracker, agent_rows, check_homogeneous, mf_target, mf_value
+from pamarl.algos.meanfield import MeanActionTracker, agent_rows, mf_target, mf_value
 from pamarl.algos.registry import register
 from pamarl.buffers.agent_replay import AgentReplay
 from pamarl.config import TrainConfig
@@ -70,6 +70,7 @@ class MFAC(Algorithm):
     """Mean-field actor-critic with team-shared actor and critic."""
 
     name = "mfac"
+    homogeneous_agents_only = True
     Config = MFACConfig
     action_kinds = ("discrete",)
     paper = "Yang et al. 2018, Mean Field Multi-Agent Reinforcement Learning (MF-AC)"
@@ -79,7 +80,6 @@ class MFAC(Algorithm):
 
     def __init__(self, spec: EnvSpec, cfg: MFACConfig, run: TrainConfig, device: torch.device):
         super().__init__(spec, cfg, run, device)
-        check_homogeneous(spec, self.name)
         A = spec.act_dim
         self.mean_dim = A if self.mean_action else 0
         lay = spec.obs_layout

@@ -30,7 +30,6 @@ from pamarl.algos.meanfield import (
     MeanActionTracker,
     agent_rows,
     boltzmann,
-    check_homogeneous,
     mf_target,
     mf_value,
 )
@@ -113,6 +112,7 @@ class MFQ(OffPolicyAlgorithm):
     """Mean-field Q-learning with a team-shared network."""
 
     name = "mfq"
+    homogeneous_agents_only = True
     Config = MFQConfig
     action_kinds = ("discrete",)
     paper = "Yang et al. 2018, Mean Field Multi-Agent Reinforcement Learning (MF-Q)"
@@ -122,7 +122,6 @@ class MFQ(OffPolicyAlgorithm):
 
     def build(self) -> None:
         cfg, spec = self.cfg, self.spec
-        check_homogeneous(spec, self.name)
         A = spec.act_dim
         self.mean_dim = A if self.mean_action else 0
         self.qnet = MeanFieldNet(spec.obs_dim, A, spec.obs_layout, self.mean_dim, cfg.conv_channels, cfg.embed,
