@@ -167,6 +167,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
                         else:
                             r.cmd = harl_cmd(args.harl_python, args.harl_launcher, r, args.steps)
                         runs.append(r)
+    # Seed-major order: a batch cut short still has the first seeds of every configuration.
+    runs.sort(key=lambda r: seeds.index(r.seed))
     return runs
 
 
