@@ -257,7 +257,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(table(runs))
     print("\nCommands (HARL: HARL_SRC=<mpe2-patched checkout>; pamarl: PYTHONPATH=<its src>):")
     for r in runs:
-        print(f"    {shlex.join(r.cmd)}")
+        print(f"    {shlex.join(r.cmd)}" + ("" if returns_of(r) is not None else "    # not finished"))
     return 0
 
 
