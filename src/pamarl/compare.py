@@ -356,7 +356,9 @@ def inspect_job(job: Job) -> None:
 def _command(job: Job) -> list[str]:
     base = [sys.executable, "-m", "pamarl.cli", "train"]
     if job.state == "resume":
-        return [*base, "--resume", str(job.run_dir), "--steps", str(job.steps), "progress=false"]
+        # --env re-states the env id this command was given (inspect_job checked it matches the run's),
+        # so an id that imports code is never taken from the run directory alone.
+        return [*base, "--resume", str(job.run_dir), "--env", job.env, "--steps", str(job.steps), "progress=false"]
     launch = job.run_dir / "launch.yaml"
     return [*base, "--config", str(launch)]
 
@@ -767,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--steps must be >= 1")
     if args.workers < 1:
         raise UsageError("--workers must be >= 1")
+    if args.evals is not None and args.evals < 1:
+        raise UsageError(f"--evals must be >= 1, got {args.evals}")
     seeds = _parse_seeds(args.seeds) if args.seeds else list(range(1, (preset.seeds if preset else 3) + 1))
     common, scoped = _parse_overrides(args.overrides, algos)
     if preset:
@@ -783,6 +787,14 @@ def main(argv: list[str] | None = None) -> int:
     # so flags that change neither the runs nor the numbers are left out of what the report shows.
     command = "pamarl compare " + shlex.join([a for a in argv if a not in ("--report-only", "--quiet")])
 
+    if not args.report_only and not args.dry_run:
+        from pamarl.rundir import is_locked
+
+        for j in plan.jobs:
+            holder = None if j.state == "done" else is_locked(j.run_dir)
+            if holder:
+                raise UsageError(f"{j.run_dir} is being trained by {holder}: is another `pamarl compare` writing "
+                                 f"{out}? Wait for it, or use --report-only")
     n_done = sum(j.state == "done" for j in plan.jobs)
     n_resume = sum(j.state == "resume" for j in plan.jobs)
     print(f"pamarl compare: {len(plan.jobs)} runs ({len(algos)} algorithms x {len(env_plans)} envs x "

@@ -39,9 +39,9 @@ from pamarl.envs.guard import build_env
 from pamarl.envs.registry import resolve
 from pamarl.errors import CheckpointError, RunInterrupted, UsageError
 from pamarl.logging import MetricsLogger
-from pamarl.rundir import RunLock, apply_optimizer_changes, make_dir, prepare_new, record_changes
+from pamarl.rundir import LOCK_NAME, RunLock, apply_optimizer_changes, make_dir, prepare_new, record_changes
 from pamarl.signals import CheckpointClock, StopRequest, latest_checkpoint_note
-from pamarl.validation import resume_changes
+from pamarl.validation import check_together, resume_changes
 
 DEFAULT_COST_LIMIT = 25.0
 
@@ -72,7 +72,10 @@ def build_configs(values: dict[str, Any], config_file: str | None = None) -> tup
     algo_cls = get_algorithm(str(algo_name))
     run_v, algo_v = split_keys(merged, algo_cls.Config)
     run = build(TrainConfig, run_v, "run")
-    return run, build(algo_cls.Config, algo_v, f"{algo_cls.name}")
+    algo_cfg = build(algo_cls.Config, algo_v, f"{algo_cls.name}")
+    check_together(run, algo_cfg)
+    resolve(run.env)  # an unknown env or a bad ?parameter fails here, before any directory is made
+    return run, algo_cfg
 
 
 def cost_limit(run: TrainConfig) -> float:
@@ -221,6 +224,7 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
     run_dir = Path(run.run_dir) if run.run_dir else default_run_dir(run)
     if resume and not (run_dir / "config.yaml").is_file():
         raise UsageError(f"{str(run_dir)!r} is not a pamarl run directory (no config.yaml): nothing to resume")
+    fresh = not run_dir.exists()
     make_dir(run_dir)
     lock = RunLock(run_dir).acquire()
     try:
@@ -231,6 +235,9 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
         raise RunInterrupted(f"stopped at once; {latest_checkpoint_note(run_dir / 'checkpoints')}") from None
     finally:
         lock.release()
+        if fresh and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:  # failed before writing anything
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)
+            run_dir.rmdir()
 
 
 def _check_resume(run: TrainConfig, algo_cfg: Any, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -15,6 +15,7 @@ Torch-free: env workers import the registry, which imports this.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -145,7 +146,7 @@ RULES: dict[str, Rule] = {
     "critic_lr": positive(float, resume=True),
     "adam_eps": positive(float, resume=True),
     "gamma": Rule(float, gt=0.0, le=1.0, resume="the value function learnt so far estimates the old discount"),
-    "max_grad_norm": positive(float, resume=True),
+    "max_grad_norm": nonneg(float, resume=True),  # 0: no clipping
     "hidden": positive(int, resume=_NETS),
     "critic_hidden": positive(int, resume=_NETS),
     "activation": Rule(str, choices=("relu", "tanh", "elu"), resume=_NETS),
@@ -222,8 +223,6 @@ RULES: dict[str, Rule] = {
 
 def rule_for(cls: type, name: str) -> Rule | None:
     """The rule of field ``name`` of dataclass ``cls``: its ``metadata["rule"]``, else the table's."""
-    import dataclasses
-
     for f in dataclasses.fields(cls):
         if f.name == name and "rule" in f.metadata:
             return f.metadata["rule"]  # type: ignore[no-any-return]
@@ -232,8 +231,6 @@ def rule_for(cls: type, name: str) -> Rule | None:
 
 def check_config(obj: Any, what: str) -> None:
     """Check every field of config dataclass ``obj`` against its rule, in place (coerced values kept)."""
-    import dataclasses
-
     for f in dataclasses.fields(obj):
         rule = rule_for(type(obj), f.name)
         v = getattr(obj, f.name)
@@ -268,9 +265,22 @@ def resume_changes(old: dict[str, Any], new: dict[str, Any], cls: type | None = 
         rule = rule_for(cls, k) if cls is not None else RULES.get(k)
         why = rule.resume if rule is not None else "it is not known to be safe to change mid-run"
         if why is not True:
-            raise UsageError(
-                f"--resume cannot change {k!r} ({a!r} -> {b!r}): {why}. Keys a resume may change: "
-                f"{', '.join(sorted(n for n, r in RULES.items() if r.resume is True and n != 'run_dir'))}"
-            )
+            names = [f.name for f in dataclasses.fields(cls)] if cls is not None else list(RULES)
+            ok = sorted(n for n in names if n != "run_dir" and getattr(rule_for(cls, n) if cls else RULES.get(n),
+                                                                        "resume", False) is True)
+            raise UsageError(f"--resume cannot change {k!r} ({a!r} -> {b!r}): {why}. Keys of this kind a resume may "
+                             f"change: {', '.join(ok)}")
         changes[k] = (a, b)
     return changes
+
+
+def check_together(run: Any, algo_cfg: Any) -> None:
+    """Constraints between keys (each key's own range is in :data:`RULES`)."""
+    batch = run.num_envs * run.rollout_len
+    mb = getattr(algo_cfg, "minibatches", None)
+    if mb is not None and mb > batch:
+        raise UsageError(f"minibatches={mb} is more than the {batch} samples of an iteration (num_envs x "
+                         f"rollout_len = {run.num_envs} x {run.rollout_len}); use at most {batch}")
+    bs, cap = getattr(algo_cfg, "batch_size", None), getattr(algo_cfg, "buffer_size", None)
+    if bs is not None and cap is not None and bs > cap:
+        raise UsageError(f"batch_size={bs} exceeds buffer_size={cap}: the replay can never fill one batch")
