@@ -20,9 +20,10 @@ from pamarl.errors import CheckpointError, RunInterrupted, TrainingError, UsageE
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pamarl.config import parse_overrides, to_dict
+    from pamarl.config import TrainConfig, parse_overrides, to_dict
     from pamarl.envs.registry import check_trusted
     from pamarl.runner import build_configs, load_run_config, train
+    from pamarl.validation import resume_changes
 
     values: dict[str, Any] = {}
     for key in ("algo", "env", "steps", "seed"):
@@ -37,6 +38,7 @@ def _train(args: argparse.Namespace) -> int:
             raise UsageError("--resume RUN_DIR already names the run directory; leave out --run-dir")
         run0, algo0 = load_run_config(args.resume)
         check_trusted(run0.env, f"{Path(args.resume) / 'config.yaml'}", restated=args.env, trust=args.trust_env_code)
+        resume_changes(to_dict(run0), {k: v for k, v in values.items() if k in ("algo", "env")}, TrainConfig)
         # The saved config, with what the user changes on top (pamarl.validation says what may change).
         saved = {f"run.{k}": v for k, v in to_dict(run0).items()}
         saved.update({f"algo.{k}": v for k, v in to_dict(algo0).items()})
@@ -217,8 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in _DELEGATED:  # these parse their own options
             return int(_delegate(_DELEGATED[argv[0]])(argv[1:]) or 0)
-        args = parser.parse_args(argv)
+        args, rest = parser.parse_known_args(argv)
+        # key=value pairs may come after options (`train --algo x lr=1 --steps 9 gamma=0.9`): argparse
+        # takes only the first run of positionals, so the later ones arrive here.
+        if rest and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in rest):
+            args.overrides = [*args.overrides, *rest]
+        elif rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return int(args.fn(args) or 0)
+    except SystemExit as e:  # argparse's usage errors (exit 2) and --help (exit 0)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except UsageError as e:
         return _fail(debug, f"pamarl: error: {e}", 2)
     except CheckpointError as e:

@@ -115,14 +115,16 @@ def is_locked(run_dir: str | Path) -> str | None:
         os.close(fd)
 
 
-def make_dir(run_dir: Path) -> None:
-    """Create ``run_dir`` or say clearly why not (a file there, permissions, name too long)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"run directory {str(run_dir)!r} is a file, not a directory; choose another --run-dir")
+def make_dir(run_dir: Path) -> bool:
+    """Create ``run_dir`` or say clearly why not (a file there, permissions, name too long); True if it was made."""
     try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UsageError(f"run directory {str(run_dir)!r} is a file, not a directory; choose another --run-dir")
+        fresh = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _fs_error("cannot create run directory", run_dir, e) from e
+    return fresh
 
 
 def prepare_new(run_dir: Path, overwrite: bool = False) -> None:

@@ -222,15 +222,16 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
         # A resumed run keeps the algorithm config it was started with, not the defaults.
         algo_cfg = load_run_config(saved.parent)[1] if resume and saved.is_file() else get_algorithm(run.algo).Config()
     run_dir = Path(run.run_dir) if run.run_dir else default_run_dir(run)
-    if resume and not (run_dir / "config.yaml").is_file():
-        raise UsageError(f"{str(run_dir)!r} is not a pamarl run directory (no config.yaml): nothing to resume")
-    fresh = not run_dir.exists()
-    make_dir(run_dir)
+    fresh = make_dir(run_dir)
     lock = RunLock(run_dir).acquire()
     try:
+        if resume and not (run_dir / "config.yaml").is_file():
+            raise UsageError(f"{str(run_dir)!r} is not a pamarl run directory (no config.yaml): nothing to resume")
         if not resume:
             prepare_new(run_dir, overwrite)
         return _train_locked(dataclasses.replace(run, run_dir=str(run_dir)), algo_cfg, resume, checkpoint, quiet)
+    except RunInterrupted:  # already says where the checkpoint is
+        raise
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: say what is on disk
         raise RunInterrupted(f"stopped at once; {latest_checkpoint_note(run_dir / 'checkpoints')}") from None
     finally:
@@ -244,12 +245,12 @@ def _check_resume(run: TrainConfig, algo_cfg: Any, state: dict[str, Any]) -> dic
     """What this resume changes against the run's saved config; refuses what would void the checkpoint."""
     run_dir = Path(str(run.run_dir))
     doc = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    changes = resume_changes(doc.get("run", {}), to_dict(run), TrainConfig)
+    changes.update(resume_changes(doc.get("algo", {}), to_dict(algo_cfg), type(algo_cfg)))
     for key, now in (("algo_name", run.algo), ("env", run.env)):
         if state.get(key) not in (None, now):
             raise CheckpointError(f"the checkpoint was written by a run of {state[key]!r}, not {now!r}; "
                                   "give a checkpoint of this run with --checkpoint")
-    changes = resume_changes(doc.get("run", {}), to_dict(run), TrainConfig)
-    changes.update(resume_changes(doc.get("algo", {}), to_dict(algo_cfg), type(algo_cfg)))
     done = int(state["env_steps"])
     if run.steps <= done:
         raise UsageError(f"the run already did {done:,} env steps (its budget was {run.steps:,}); give a larger "
