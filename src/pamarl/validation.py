@@ -141,6 +141,8 @@ RULES: dict[str, Rule] = {
     "tensorboard": Rule(bool, resume=True),
     "progress": Rule(bool, resume=True),
     "run_dir": Rule(str, optional=True, resume=True),
+    "reward": Rule(str, choices=("auto", "team", "individual"),
+                   resume="the value functions learnt so far estimate the old reward"),
     # ---- learners (LearnerConfig and subclasses)
     "lr": positive(float, resume=True),
     "critic_lr": positive(float, resume=True),
@@ -165,6 +167,8 @@ RULES: dict[str, Rule] = {
     "adv_norm": Rule(bool, resume=True),
     "critic_input": Rule(str, choices=("state", "obs", "state+obs"), resume=_NETS + " (the critic's input)"),
     "lr_anneal": Rule(bool, resume=True),
+    "critic": Rule(str, choices=("per_agent", "shared"), resume=_NETS + " (one team critic or one per agent)"),
+    "input_norm": Rule(bool, resume=_NETS + " (LayerNorm on their inputs)"),
     "log_std_init": Rule(float, resume="the policies' log std is a trained parameter in the checkpoint"),
     "state_dependent_std": Rule(bool, resume=_NETS),
     "squash": Rule(str, resume="the policies were trained with the old action squashing"),
