@@ -597,3 +597,27 @@ def test_every_config_field_has_a_rule():
                for f in dataclasses.fields(cls) if rule_for(cls, f.name) is None]
     assert not missing, f"add these to pamarl.validation.RULES: {missing}"
     assert set(RULES["activation"].choices or ()) == set(ACTIVATIONS)
+
+
+def test_nan_message_is_true_and_its_advice_works(tmp_path, capsys, monkeypatch):
+    """The NaN message's advice (resume with a lower learning rate) is accepted and recorded."""
+    from pamarl.algos.common import check_finite
+    from pamarl.algos.registry import get_algorithm
+
+    cls = get_algorithm("mappo")
+    real, calls = cls.update, {"n": 0}
+
+    def update(self, progress):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            check_finite(torch.tensor(float("nan")), "the policy loss")
+        return real(self, progress)
+
+    monkeypatch.setattr(cls, "update", update)
+    d = tmp_path / "run"
+    assert main(["train", "--algo", "mappo", "--env", ENV, "--steps", "80", "--run-dir", str(d), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "NaN" in err and "--resume" in err and "iteration 2, 40 env steps" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(d), "lr=1e-4", "max_grad_norm=1"]) == 0
+    assert set(yaml.safe_load((d / "config_history.yaml").read_text())[-1]["changes"]) == {"lr", "max_grad_norm"}

@@ -52,7 +52,7 @@ class TrainConfig:
     """Evaluate with the most likely action (greedy) instead of sampling."""
     checkpoint_every: int = 50
     """Write checkpoints/latest.pt every this many iterations (0: only the final one). Training envs
-    are re-seeded and reset at each checkpoint so that a resumed run replays exactly."""
+    are re-seeded and reset at each of these checkpoints so that a resumed run replays exactly."""
     checkpoint_minutes: float = 5.0
     """Also write checkpoints/latest.pt when this many minutes passed since the last one (0: off), so a
     killed run loses minutes. The envs are not reset there: a resume from such a checkpoint continues

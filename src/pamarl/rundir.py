@@ -153,6 +153,27 @@ def prepare_new(run_dir: Path, overwrite: bool = False) -> None:
             raise _fs_error("cannot delete the old run's", p, e) from e
 
 
+def check_resume(run: Any, algo_cfg: Any, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """What this resume changes against the run's saved config; refuses what would void the checkpoint."""
+    from pamarl.config import TrainConfig, to_dict
+    from pamarl.errors import CheckpointError
+    from pamarl.validation import resume_changes
+
+    doc = yaml.safe_load((Path(str(run.run_dir)) / "config.yaml").read_text()) or {}
+
+    changes = resume_changes(doc.get("run", {}), to_dict(run), TrainConfig)
+    changes.update(resume_changes(doc.get("algo", {}), to_dict(algo_cfg), type(algo_cfg)))
+    for key, now in (("algo_name", run.algo), ("env", run.env)):
+        if state.get(key) not in (None, now):
+            raise CheckpointError(f"the checkpoint was written by a run of {state[key]!r}, not {now!r}; "
+                                  "give a checkpoint of this run with --checkpoint")
+    done = int(state["env_steps"])
+    if run.steps <= done:
+        raise UsageError(f"the run already did {done:,} env steps (its budget was {run.steps:,}); give a larger "
+                         "--steps to train it further")
+    return changes
+
+
 def record_changes(run_dir: Path, changes: dict[str, tuple[Any, Any]], iteration: int, env_steps: int,
                    checkpoint: str) -> None:
     """Append one resume's changed keys to ``RUN/config_history.yaml`` (a YAML list, oldest first)."""

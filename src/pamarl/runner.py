@@ -37,11 +37,19 @@ from pamarl.config import TrainConfig, build, load_preset, load_yaml, split_keys
 from pamarl.envs.base import BatchedEnv, BatchStep, EnvSpec
 from pamarl.envs.guard import build_env
 from pamarl.envs.registry import resolve
-from pamarl.errors import CheckpointError, RunInterrupted, UsageError
+from pamarl.errors import CheckpointError, RunInterrupted, TrainingError, UsageError
 from pamarl.logging import MetricsLogger
-from pamarl.rundir import LOCK_NAME, RunLock, apply_optimizer_changes, make_dir, prepare_new, record_changes
+from pamarl.rundir import (
+    LOCK_NAME,
+    RunLock,
+    apply_optimizer_changes,
+    check_resume,
+    make_dir,
+    prepare_new,
+    record_changes,
+)
 from pamarl.signals import CheckpointClock, StopRequest, latest_checkpoint_note
-from pamarl.validation import check_together, resume_changes
+from pamarl.validation import check_together
 
 DEFAULT_COST_LIMIT = 25.0
 
@@ -262,6 +270,8 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
         return _train_locked(dataclasses.replace(run, run_dir=str(run_dir)), algo_cfg, resume, checkpoint, quiet)
     except RunInterrupted:  # already says where the checkpoint is
         raise
+    except TrainingError as e:  # NaN loss, env failure: say truly what a resume would start from
+        raise type(e)(f"{e} ({latest_checkpoint_note(run_dir / 'checkpoints')})") from e
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: say what is on disk
         raise RunInterrupted(f"stopped at once; {latest_checkpoint_note(run_dir / 'checkpoints')}") from None
     finally:
@@ -269,23 +279,6 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
         if fresh and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:  # failed before writing anything
             (run_dir / LOCK_NAME).unlink(missing_ok=True)
             run_dir.rmdir()
-
-
-def _check_resume(run: TrainConfig, algo_cfg: Any, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """What this resume changes against the run's saved config; refuses what would void the checkpoint."""
-    run_dir = Path(str(run.run_dir))
-    doc = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    changes = resume_changes(doc.get("run", {}), to_dict(run), TrainConfig)
-    changes.update(resume_changes(doc.get("algo", {}), to_dict(algo_cfg), type(algo_cfg)))
-    for key, now in (("algo_name", run.algo), ("env", run.env)):
-        if state.get(key) not in (None, now):
-            raise CheckpointError(f"the checkpoint was written by a run of {state[key]!r}, not {now!r}; "
-                                  "give a checkpoint of this run with --checkpoint")
-    done = int(state["env_steps"])
-    if run.steps <= done:
-        raise UsageError(f"the run already did {done:,} env steps (its budget was {run.steps:,}); give a larger "
-                         "--steps to train it further")
-    return changes
 
 
 def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str | None,
@@ -299,7 +292,7 @@ def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str
     changes: dict[str, tuple[Any, Any]] = {}
     if resume:
         state = load_checkpoint(checkpoint or ckpt_dir / "latest.pt")
-        changes = _check_resume(run, algo_cfg, state)
+        changes = check_resume(run, algo_cfg, state)
 
     env = build_env(run.env, num_envs=run.num_envs, workers=run.env_workers, seed=run.seed, device=run.device)
     try:

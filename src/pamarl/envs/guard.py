@@ -61,7 +61,7 @@ class GuardedEnv(BatchedEnv):
             raise
         except Exception as e:  # noqa: BLE001
             raise EnvError(f"env {self.env_id!r} failed at step {self.steps + 1:,} of its {self.num_envs} copies: "
-                           f"{_why(e)}. Checkpoints already written are intact") from e
+                           f"{_why(e)}") from e
         self.steps += 1
         return out
 
