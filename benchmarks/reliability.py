@@ -113,9 +113,11 @@ def signals(out: Path, n: int, rng: random.Random) -> dict:
     for i in range(2 * n):
         sig = signal.SIGINT if i % 2 == 0 else signal.SIGTERM
         d = out / f"sig{i}"
-        p = subprocess.Popen([*CLI, *TASK, "--steps", "4000", "--run-dir", str(d), "checkpoint_every=0"], env=ENV,
+        p = subprocess.Popen([*CLI, *TASK, "--steps", "2000", "--run-dir", str(d), "checkpoint_every=0"], env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(3.0, 5.0))
+        while logged(d) < 2 and p.poll() is None:  # signal a run that is training, not one still importing
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 2.0))
         t = time.perf_counter()
         p.send_signal(sig)
         p.wait()
@@ -139,7 +141,7 @@ def disk_full(out: Path, tmpfs: Path, free_kib: list[int]) -> dict:
         avail = shutil.disk_usage(tmpfs).free
         with open(filler, "wb") as f:
             f.write(b"\0" * max(0, avail - kib * 1024))
-        r = subprocess.run([*CLI, *TASK, "--steps", "8000", "--run-dir", str(d), "checkpoint_every=1"], env=ENV,
+        r = subprocess.run([*CLI, *TASK, "--steps", "2000", "--run-dir", str(d), "checkpoint_every=1"], env=ENV,
                            capture_output=True)
         err = r.stderr.decode()
         ck = d / "checkpoints" / "latest.pt"

@@ -126,6 +126,7 @@ def _list(args: argparse.Namespace) -> int:
     from pamarl.algos.registry import algorithms, get_algorithm
     from pamarl.config import TrainConfig, field_docs
     from pamarl.envs.registry import _BUILTIN_MODULES, families
+    from pamarl.validation import rule_for
 
     if args.config:
         cls = get_algorithm(args.config)
@@ -134,7 +135,9 @@ def _list(args: argparse.Namespace) -> int:
             docs = field_docs(dc)
             for f in dataclasses.fields(dc):
                 default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                print(f"  {f.name} = {default!r}\n      {docs.get(f.name, '')}")
+                rule = rule_for(dc, f.name)
+                allowed = f"  [{rule.describe()}{'' if rule.resume is True else '; fixed on --resume'}]" if rule else ""
+                print(f"  {f.name} = {default!r}{allowed}\n      {docs.get(f.name, '')}")
         return 0
     print("Algorithms:")
     for name, cls in algorithms().items():

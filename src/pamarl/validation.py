@@ -25,6 +25,10 @@ from pamarl.errors import UsageError
 _NETS = "the networks in the checkpoint were built with the old value"
 
 
+def _num(x: float | None) -> str:
+    return str(int(x)) if x is not None and float(x).is_integer() else f"{x:g}"
+
+
 @dataclass(frozen=True)
 class Rule:
     """What one value may be. Bounds apply to numbers (to each element of a sequence)."""
@@ -45,8 +49,8 @@ class Rule:
         parts = []
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
-        lo = f"> {self.gt:g}" if self.gt is not None else f">= {self.ge:g}" if self.ge is not None else ""
-        hi = f"< {self.lt:g}" if self.lt is not None else f"<= {self.le:g}" if self.le is not None else ""
+        lo = f"> {_num(self.gt)}" if self.gt is not None else f">= {_num(self.ge)}" if self.ge is not None else ""
+        hi = f"< {_num(self.lt)}" if self.lt is not None else f"<= {_num(self.le)}" if self.le is not None else ""
         if self.kind is not None:
             parts.append({bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
                 self.kind, self.kind.__name__))
