@@ -36,6 +36,8 @@ CLI = [sys.executable, "-m", "pamarl.cli", "train"]
 TASK = ["--algo", "mappo", "--env", "matrix/penalty", "num_envs=2", "rollout_len=10", "hidden=[16]",
         "eval_episodes=2", "eval_every=50", "tensorboard=false", "progress=false"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+TOTAL = 100
+"""Iterations of the kill -9 run: 2000 steps of 2 envs x 10."""
 
 
 def rows(d: Path) -> list[list[str]]:
@@ -84,18 +86,25 @@ def kill9(out: Path, n: int, rng: random.Random) -> dict:
             cmd = [*CLI, *cfg, "--run-dir", str(vic)] + (["--overwrite"] if vic.exists() and logged(vic) else [])
             restarts += starts > 0
         starts += 1
+        t_start = time.time()
         p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if kills < n:
-            try:
-                p.wait(rng.uniform(1.5, ref_s))
-            except subprocess.TimeoutExpired:
+            if rng.random() < 0.2:  # sometimes while it starts up (imports, env construction)
+                time.sleep(rng.uniform(0.2, 3.0))
+            else:  # else at a random iteration past the checkpoint, at a random moment inside it
+                target = rng.randint(ckpt_iteration(vic) + 1, TOTAL - 1)
+                metrics = vic / "metrics.csv"
+                while p.poll() is None and not (metrics.exists() and metrics.stat().st_mtime > t_start
+                                                and logged(vic) >= target):
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 0.05))
+            if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
                 kills += 1
                 lost.append(logged(vic) - ckpt_iteration(vic))
                 continue
-        else:
-            p.wait()
+        p.wait()
         err = p.stderr.read().decode() if p.stderr else ""
         if p.returncode != 0:
             raise SystemExit(f"run failed after {kills} kills: {err}")
@@ -183,14 +192,19 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=5, help="rounds")
     ap.add_argument("--tmpfs", help="a small, empty, writable file system for the disk-full test")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=("kill", "signals", "concurrent", "disk"), help="run one experiment")
     args = ap.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     rng = random.Random(args.seed)
-    for exp in (lambda: kill9(out, args.kills, rng), lambda: signals(out, args.signals, rng),
-                lambda: concurrent(out, args.concurrent),
-                *([lambda: disk_full(out, Path(args.tmpfs), [40, 120, 400])] if args.tmpfs else [])):
+    exps = {"kill": lambda: kill9(out, args.kills, rng), "signals": lambda: signals(out, args.signals, rng),
+            "concurrent": lambda: concurrent(out, args.concurrent)}
+    if args.tmpfs:
+        exps["disk"] = lambda: disk_full(out, Path(args.tmpfs), [40, 120, 400])
+    for name, exp in exps.items():
+        if args.only not in (None, name):
+            continue
         t = time.perf_counter()
         r = exp()
         r["seconds"] = round(time.perf_counter() - t, 1)
