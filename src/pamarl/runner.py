@@ -17,6 +17,7 @@ point are cut and bootstrapped like a time limit (GAE already bootstraps the las
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -277,8 +278,9 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
     finally:
         lock.release()
         if fresh and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:  # failed before writing anything
-            (run_dir / LOCK_NAME).unlink(missing_ok=True)
-            run_dir.rmdir()
+            with contextlib.suppress(OSError):  # another process may have just opened the directory
+                (run_dir / LOCK_NAME).unlink(missing_ok=True)
+                run_dir.rmdir()
 
 
 def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str | None,
