@@ -276,11 +276,12 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: say what is on disk
         raise RunInterrupted(f"stopped at once; {latest_checkpoint_note(run_dir / 'checkpoints')}") from None
     finally:
-        lock.release()
-        if fresh and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:  # failed before writing anything
-            with contextlib.suppress(OSError):  # another process may have just opened the directory
+        # A new directory that stayed empty is removed, with the lock still held so no one else slips in.
+        if fresh and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
+            with contextlib.suppress(OSError):
                 (run_dir / LOCK_NAME).unlink(missing_ok=True)
                 run_dir.rmdir()
+        lock.release()
 
 
 def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str | None,
