@@ -72,8 +72,11 @@ def logged(d: Path) -> int:
     return max(0, len(p.read_text().splitlines()) - 1) if p.exists() else 0
 
 
-def kill9(out: Path, n: int, rng: random.Random) -> dict:
-    cfg = [*TASK, "--steps", "2000", "checkpoint_every=5", "checkpoint_minutes=0"]
+def kill9(out: Path, n: int, rng: random.Random, minutes: float = 0.0) -> dict:
+    """With ``minutes`` > 0: wall-time checkpoints only (no periodic ones), which do not resume bit-exactly."""
+    every = ["checkpoint_every=0", f"checkpoint_minutes={minutes}"] if minutes else ["checkpoint_every=5",
+                                                                                     "checkpoint_minutes=0"]
+    cfg = [*TASK, "--steps", "2000", *every]
     ref, vic = out / "ref", out / "victim"
     t0 = time.perf_counter()
     subprocess.run([*CLI, *cfg, "--run-dir", str(ref)], check=True, env=ENV, capture_output=True)
@@ -112,7 +115,7 @@ def kill9(out: Path, n: int, rng: random.Random) -> dict:
     same_rows = rows(vic) == rows(ref)
     a, b = tensors(vic), tensors(ref)
     same_params = len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
-    return {"experiment": "kill -9", "kills": kills, "fresh_starts_after_kill_before_first_checkpoint": restarts,
+    return {"experiment": "kill -9", "checkpoints": " ".join(every), "kills": kills, "fresh_starts_after_kill_before_first_checkpoint": restarts,
             "iterations_lost_per_kill": lost, "metrics_identical": same_rows, "final_params_identical": same_params,
             "tensors_compared": len(a), "uninterrupted_run_s": round(ref_s, 1)}
 
@@ -192,13 +195,15 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=5, help="rounds")
     ap.add_argument("--tmpfs", help="a small, empty, writable file system for the disk-full test")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=0.0,
+                    help="kill -9 with wall-time checkpoints every MINUTES instead of periodic ones")
     ap.add_argument("--only", choices=("kill", "signals", "concurrent", "disk"), help="run one experiment")
     args = ap.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     rng = random.Random(args.seed)
-    exps = {"kill": lambda: kill9(out, args.kills, rng), "signals": lambda: signals(out, args.signals, rng),
+    exps = {"kill": lambda: kill9(out, args.kills, rng, args.minutes), "signals": lambda: signals(out, args.signals, rng),
             "concurrent": lambda: concurrent(out, args.concurrent)}
     if args.tmpfs:
         exps["disk"] = lambda: disk_full(out, Path(args.tmpfs), [40, 120, 400])
