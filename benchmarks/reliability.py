@@ -115,7 +115,8 @@ def kill9(out: Path, n: int, rng: random.Random, minutes: float = 0.0) -> dict:
     same_rows = rows(vic) == rows(ref)
     a, b = tensors(vic), tensors(ref)
     same_params = len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
-    return {"experiment": "kill -9", "checkpoints": " ".join(every), "kills": kills, "fresh_starts_after_kill_before_first_checkpoint": restarts,
+    return {"experiment": "kill -9", "checkpoints": " ".join(every), "kills": kills,
+            "fresh_starts_after_kill_before_first_checkpoint": restarts,
             "iterations_lost_per_kill": lost, "metrics_identical": same_rows, "final_params_identical": same_params,
             "tensors_compared": len(a), "uninterrupted_run_s": round(ref_s, 1)}
 
@@ -203,8 +204,8 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     rng = random.Random(args.seed)
-    exps = {"kill": lambda: kill9(out, args.kills, rng, args.minutes), "signals": lambda: signals(out, args.signals, rng),
-            "concurrent": lambda: concurrent(out, args.concurrent)}
+    exps = {"kill": lambda: kill9(out, args.kills, rng, args.minutes),
+            "signals": lambda: signals(out, args.signals, rng), "concurrent": lambda: concurrent(out, args.concurrent)}
     if args.tmpfs:
         exps["disk"] = lambda: disk_full(out, Path(args.tmpfs), [40, 120, 400])
     for name, exp in exps.items():
