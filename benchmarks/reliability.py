@@ -207,7 +207,7 @@ def main() -> None:
     exps = {"kill": lambda: kill9(out, args.kills, rng, args.minutes),
             "signals": lambda: signals(out, args.signals, rng), "concurrent": lambda: concurrent(out, args.concurrent)}
     if args.tmpfs:
-        exps["disk"] = lambda: disk_full(out, Path(args.tmpfs), [40, 120, 400])
+        exps["disk"] = lambda: disk_full(out, Path(args.tmpfs), [40, 120, 200])
     for name, exp in exps.items():
         if args.only not in (None, name):
             continue

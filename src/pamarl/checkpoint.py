@@ -41,7 +41,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         full = getattr(e, "errno", None) == errno.ENOSPC or 0 <= free < 64 << 20
         cause = f"the disk is full ({max(free, 0) // 2**20} MiB free)" if full else f"{type(e).__name__}: {e}"
         previous = "the previous checkpoint there is intact" if path.exists() else "no earlier checkpoint exists"
-        fix = ". Free some space, then resume" if full else ""
+        fix = (". Free some space, then resume" if path.exists() else ". Free some space, then start the run again "
+               "(--overwrite)") if full else ""
         raise CheckpointError(f"could not write checkpoint {str(path)!r}: {cause}; {previous}{fix}") from e
 
 
