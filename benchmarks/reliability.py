@@ -196,10 +196,13 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=5, help="rounds")
     ap.add_argument("--tmpfs", help="a small, empty, writable file system for the disk-full test")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--env", default="matrix/penalty", help="task (matrix/penalty: one-step episodes; "
+                    "mpe/simple_spread_v3: 25-step episodes that span iterations)")
     ap.add_argument("--minutes", type=float, default=0.0,
                     help="kill -9 with wall-time checkpoints every MINUTES instead of periodic ones")
     ap.add_argument("--only", choices=("kill", "signals", "concurrent", "disk"), help="run one experiment")
     args = ap.parse_args()
+    TASK[TASK.index("--env") + 1] = args.env
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
