@@ -277,8 +277,8 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
         raise RunInterrupted(f"stopped at once; {latest_checkpoint_note(run_dir / 'checkpoints')}") from None
     finally:
         # A new directory that stayed empty is removed, with the lock still held so no one else slips in.
-        if fresh and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
+            if fresh and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
                 (run_dir / LOCK_NAME).unlink(missing_ok=True)
                 run_dir.rmdir()
         lock.release()
