@@ -393,6 +393,14 @@ COMPARE = [
 ]
 
 
+def test_compare_with_corrupt_run_config(area, tmp_path, capsys):
+    d = tmp_path / "cmp" / "runs" / "mappo" / "matrix_penalty" / "seed1"
+    shutil.copytree(area / "run", d)
+    (d / "config.yaml").write_text("run: [unclosed\n")
+    expect(["compare", "--algos", "mappo", "--envs", ENV, "--seeds", "1", "--steps", "40", "--out",
+            str(tmp_path / "cmp"), "--report-only", *TINY], 2, ("corrupt",), capsys, tmp_path)
+
+
 @pytest.mark.parametrize("name,cmd,needle", COMPARE, ids=[c[0] for c in COMPARE])
 def test_bad_compare(name, cmd, needle, area, tmp_path, capsys):
     expect(["compare", "--out", str(tmp_path / "cmp"), *cmd.split()], 2, (needle,), capsys, area)

@@ -323,7 +323,13 @@ def inspect_job(job: Job) -> None:
         job.state = "new"
         return
     if cfg.is_file():
-        saved = yaml.safe_load(cfg.read_text()) or {}
+        try:
+            saved = yaml.safe_load(cfg.read_text()) or {}
+            if not isinstance(saved, dict):
+                raise TypeError("not a mapping")
+        except (yaml.YAMLError, UnicodeDecodeError, TypeError, OSError) as e:
+            raise UsageError(f"{cfg} is corrupt ({type(e).__name__}); move {d} away to retrain that run, or write "
+                             "this comparison to another --out") from e
         # A resumed run keeps its own evaluation interval when compare chose it from the budget.
         diffs = _diff(saved.get("run", {}), job.config["run"], "", ("eval_every",) if job.auto_eval else ())
         diffs += _diff(saved.get("algo", {}), job.config["algo"], "algo ")
