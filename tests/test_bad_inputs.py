@@ -231,6 +231,12 @@ def test_stale_lock_of_dead_process_is_ignored(tmp_path, capsys):
     assert main(["train", "--algo", "mappo", "--env", ENV, "--steps", "20", "--run-dir", str(d), *TINY]) == 0
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc (a file system no one can write)")
+def test_run_dir_on_unwritable_file_system(area, capsys):
+    expect(["train", "--algo", "mappo", "--env", ENV, "--run-dir", "/proc/pamarl_h12/run"], 2, ("cannot create",),
+           capsys, area)
+
+
 @pytest.mark.skipif(ROOT, reason="root writes into read-only directories")
 def test_read_only_run_dir(tmp_path, capsys, area):
     ro = tmp_path / "ro"
