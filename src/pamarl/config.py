@@ -43,7 +43,10 @@ class TrainConfig:
     rollout_len: int = 200
     """Steps per env copy in each iteration (on-policy rollout length T)."""
     env_workers: int = 0
-    """0: step the env copies in this process; W > 0: in W subprocesses."""
+    """0: step the env copies in this process; W > 0: in W subprocesses (or W Ray actors: env_backend)."""
+    env_backend: str = "local"
+    """Where env_workers run: local (subprocesses) or ray (Ray actors on the cluster of RAY_ADDRESS, else a
+    local one; needs pamarl[ray]). Same numbers either way."""
     eval_every: int = 10
     """Evaluate every this many iterations (0: only at the end)."""
     eval_episodes: int = 10
@@ -81,6 +84,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.reward not in ("auto", "team", "individual"):
             raise UsageError(f"reward must be 'auto', 'team' or 'individual', got {self.reward!r}")
+        if self.env_backend not in ("local", "ray"):
+            raise UsageError(f"env_backend must be 'local' or 'ray', got {self.env_backend!r}")
         check_device(self.device)
 
 

@@ -26,8 +26,8 @@ import yaml
 from pamarl.errors import UsageError
 
 LOCK_NAME = ".pamarl.lock"
-LAUNCH_FILES = ("launch.yaml", "train.log")
-"""What ``pamarl compare`` writes into a run directory before it starts the run there."""
+LAUNCH_FILES = ("launch.yaml", "train.log", "attempts.jsonl")
+"""What ``pamarl compare``'s launchers write into a run directory before they start the run there."""
 OUTPUTS = ("config.yaml", "metrics.csv", "eval_episodes.jsonl", "summary.json", "checkpoints", "tb",
            "config_history.yaml")
 """What a training run writes (``--overwrite`` deletes these, and only these)."""
@@ -201,6 +201,21 @@ def _optimizers(algo: Any) -> list[tuple[str, Any]]:
         if isinstance(o, torch.optim.Optimizer):
             found.setdefault(id(o), ("critic_lr" if "critic" in name else "lr", o))
     return list(found.values())
+
+
+def restore(algo: Any, state: dict[str, Any], changes: dict[str, tuple[Any, Any]], quiet: bool = False) -> None:
+    """Load a checkpoint's algorithm state, then apply what the resume changed (learning rates)."""
+    from pamarl.errors import CheckpointError
+
+    try:
+        algo.load_state_dict(state["algo"])
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise CheckpointError(f"the checkpoint does not match this run's algorithm, network sizes or env "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    apply_optimizer_changes(algo, changes)
+    if not state.get("exact", True) and not quiet:
+        print("pamarl: resuming from a checkpoint written between periodic ones (wall time or a signal): "
+              "the run continues correctly, but not bit-identically to an uninterrupted one", flush=True)
 
 
 def apply_optimizer_changes(algo: Any, changes: dict[str, tuple[Any, Any]]) -> None:

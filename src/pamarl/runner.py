@@ -38,16 +38,16 @@ from pamarl.config import TrainConfig, build, load_preset, load_yaml, split_keys
 from pamarl.envs.base import BatchedEnv, BatchStep, EnvSpec
 from pamarl.envs.guard import build_env
 from pamarl.envs.registry import resolve
-from pamarl.errors import CheckpointError, RunInterrupted, TrainingError, UsageError
+from pamarl.errors import RunInterrupted, TrainingError, UsageError
 from pamarl.logging import MetricsLogger
 from pamarl.rundir import (
     LOCK_NAME,
     RunLock,
-    apply_optimizer_changes,
     check_resume,
     make_dir,
     prepare_new,
     record_changes,
+    restore,
 )
 from pamarl.signals import CheckpointClock, StopRequest, latest_checkpoint_note
 from pamarl.validation import check_together
@@ -297,13 +297,15 @@ def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str
         state = load_checkpoint(checkpoint or ckpt_dir / "latest.pt")
         changes = check_resume(run, algo_cfg, state)
 
-    env = build_env(run.env, num_envs=run.num_envs, workers=run.env_workers, seed=run.seed, device=run.device)
+    env = build_env(run.env, num_envs=run.num_envs, workers=run.env_workers, seed=run.seed, device=run.device,
+                    backend=run.env_backend)
     try:
         eval_env = build_env(run.env, num_envs=min(run.eval_episodes, 8) or 1, workers=0, seed=run.seed + 99_991,
                              device=run.device)
     except BaseException:
         env.close()
         raise
+    algo: Algorithm | None = None
     try:
         spec = env.spec
         algo = make_algorithm(run, algo_cfg, spec)
@@ -314,15 +316,7 @@ def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str
         total_iters = max(1, math.ceil(run.steps / per_iter))
         it0, env_steps, wall0 = 0, 0, 0.0
         if state is not None:
-            try:
-                algo.load_state_dict(state["algo"])
-            except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
-                raise CheckpointError(f"the checkpoint does not match this run's algorithm, network sizes or env "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-            apply_optimizer_changes(algo, changes)
-            if not state.get("exact", True) and not quiet:
-                print("pamarl: resuming from a checkpoint written between periodic ones (wall time or a signal): "
-                      "the run continues correctly, but not bit-identically to an uninterrupted one", flush=True)
+            restore(algo, state, changes, quiet)
             it0, env_steps, wall0 = int(state["iteration"]), int(state["env_steps"]), float(state["wall_s"])
             torch.set_rng_state(state["rng"]["torch"])
             np_state = _np_legacy_state()
@@ -338,6 +332,8 @@ def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str
     finally:
         env.close()
         eval_env.close()
+        if algo is not None:
+            algo.close()
 
 
 def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedEnv, logger: MetricsLogger,

@@ -172,6 +172,9 @@ class Algorithm(ABC):
     def reset_rollout(self) -> None:  # noqa: B027 - optional hook
         """Forget the unfinished part of a rollout (called when the runner resets the envs)."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the algorithm holds outside this process (e.g. Ray actors); the runner calls it last."""
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: parameters, optimiser states, normalisers, RNG."""

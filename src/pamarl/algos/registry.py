@@ -36,6 +36,7 @@ BUILTIN = {
     "iql": "pamarl.algos.iql",
     "vdn": "pamarl.algos.vdn",
     "qmix": "pamarl.algos.qmix",
+    "dqn_avg": "pamarl.algos.dqn_avg",
 }
 
 

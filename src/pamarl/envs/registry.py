@@ -218,6 +218,7 @@ def make_env(
     workers: int = 0,
     seed: int | None = None,
     device: str = "cpu",
+    backend: str = "local",
     **overrides: Any,
 ) -> BatchedEnv:
     """Build ``num_envs`` copies of the task ``env_id`` as one :class:`BatchedEnv`.
@@ -225,7 +226,8 @@ def make_env(
     Args:
         env_id: ``family/task?param=value&...``.
         num_envs: parallel copies ``E``.
-        workers: 0 steps the copies in this process; ``W > 0`` in ``W`` subprocesses.
+        workers: 0 steps the copies in this process; ``W > 0`` in ``W`` subprocesses (``backend="local"``)
+            or ``W`` Ray actors (``backend="ray"``, :mod:`pamarl.distributed.ray_env`).
         seed: construction seed (copies are re-seeded on ``reset(seed)``).
         overrides: extra env parameters, merged over the id's query parameters.
     """
@@ -244,6 +246,12 @@ def make_env(
         functools.partial(_make_single, fam.name, task, params, None if seed is None else seed + i)
         for i in range(num_envs)
     ]
+    if backend not in ("local", "ray"):
+        raise UsageError(f"env_backend must be 'local' or 'ray', got {backend!r}")
     if workers > 0:
         fns[0]().close()  # fail fast here on a bad parameter, with a clear message, before spawning
+        if backend == "ray":
+            from pamarl.distributed.ray_env import RayVectorEnv
+
+            return RayVectorEnv(fns, workers=workers)
     return VectorEnv(fns, workers=workers)
