@@ -42,6 +42,8 @@ class Rule:
     choices: tuple[Any, ...] | None = None
     optional: bool = False
     """None is allowed."""
+    empty: bool = False
+    """An empty sequence is allowed."""
     resume: bool | str = False
     """True: a resume may change it; a string: why it may not."""
 
@@ -64,7 +66,7 @@ class Rule:
                 return None
             raise UsageError(f"{where} {key!r} must be set ({self.describe()}), got nothing")
         if isinstance(value, list | tuple):
-            if self.choices is None and self.kind is not str and len(value) == 0:
+            if not self.empty and len(value) == 0:
                 raise UsageError(f"{where} {key!r} needs at least one value ({self.describe()})")
             return type(value)(self.check(key, v, where) for v in value)
         v = self._coerce(key, value, where)
@@ -145,6 +147,7 @@ RULES: dict[str, Rule] = {
     "tensorboard": Rule(bool, resume=True),
     "progress": Rule(bool, resume=True),
     "run_dir": Rule(str, optional=True, resume=True),
+    "env_backend": Rule(str, choices=("local", "ray"), resume=True),
     "reward": Rule(str, choices=("auto", "team", "individual"),
                    resume="the value functions learnt so far estimate the old reward"),
     # ---- learners (LearnerConfig and subclasses)
@@ -225,6 +228,17 @@ RULES: dict[str, Rule] = {
     "mixing_embed": positive(int, resume=_NETS),
     "hypernet_layers": Rule(int, choices=(1, 2), resume=_NETS),
     "hypernet_embed": positive(int, resume=_NETS),
+    # DQN with parameter averaging
+    "n_learners": positive(int, resume="each learner's networks, optimiser and replay are in the checkpoint"),
+    "sync_every": positive(int, resume=True),
+    "sync_mode": Rule(str, choices=("sync", "async"), resume=True),
+    "max_staleness": positive(int, resume=True),
+    "opt_state": Rule(str, choices=("average", "reset"), resume=True),
+    "learner_eps": Rule(float, ge=0.0, le=1.0, empty=True, resume=True),
+    "backend": Rule(str, choices=("local", "ray", "auto"), resume=True),
+    "ray_address": Rule(str, resume=True),
+    "cpus_per_learner": positive(float, resume=True),
+    "max_restarts": nonneg(int, resume=True),
 }
 """Every config key by name. A new config field needs a line here (``tests/test_bad_inputs.py`` checks)."""
 
