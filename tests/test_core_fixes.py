@@ -118,22 +118,26 @@ def test_shared_critic_is_one_value_for_the_team(tmp_path):
             torch.device("cpu"))
 
 
-def test_input_layernorm_batched_equals_per_agent():
+def test_input_and_hidden_layernorm_batched_equals_per_agent():
+    """HARL's LayerNorms (on the input, after each hidden activation), each agent with its own affine."""
     torch.manual_seed(0)
-    net = AgentMLP(3, 5, 2, (8,), input_norm=True)
+    net = AgentMLP(3, 5, 2, (8, 6), input_norm=True, layer_norm=True)
     for m in net.nets:  # non-trivial LayerNorm affines, different per agent
-        torch.nn.init.normal_(m.norm.weight)
-        torch.nn.init.normal_(m.norm.bias)
+        for ln in [m.norm, *m.hidden_norms]:
+            torch.nn.init.normal_(ln.weight)
+            torch.nn.init.normal_(ln.bias)
     x = torch.randn(4, 3, 5)
     out = net(x)
     for i in range(3):
-        h = net.nets[i].norm(x[:, i])
-        for j, layer in enumerate(net.nets[i].layers):
+        m = net.nets[i]
+        h = m.norm(x[:, i])
+        for j, layer in enumerate(m.layers):
             h = layer(h)
-            if j < len(net.nets[i].layers) - 1:
-                h = torch.relu(h)
-        assert torch.allclose(out[:, i], h, atol=1e-6)
+            if j < len(m.layers) - 1:
+                h = m.hidden_norms[j](torch.relu(h))
+        assert torch.allclose(out[:, i], h, atol=1e-5)
     assert torch.allclose(net(x[:, [2, 0]], [2, 0]), out[:, [2, 0]], atol=1e-6)
+    assert torch.allclose(net(x[:, [1]], [1]), out[:, [1]], atol=1e-6)
 
 
 # ---------------------------------------------------------------------- registry-generated runs

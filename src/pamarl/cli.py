@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_DELEGATED = {"bench": "pamarl.bench", "compare": "pamarl.compare", "plot": "pamarl.plot"}
+_DELEGATED = {"bench": "pamarl.bench", "compare": "pamarl.compare", "plot": "pamarl.plot", "battle": "pamarl.battle"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,7 @@ class TrainResult:
     first_return: float | None
     last_return: float | None
     final_eval: dict[str, float] = field(default_factory=dict)
+    n_agents: int = 0
 
     @property
     def steps_per_s(self) -> float:
@@ -309,6 +310,10 @@ def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str
     try:
         spec = env.spec
         algo = make_algorithm(run, algo_cfg, spec)
+        for e in (env, eval_env):  # two-team envs whose opponent is a lagged copy of the learner (self-play)
+            attach = getattr(e, "attach_learner", None)
+            if attach is not None:
+                attach(algo)
         limit = cost_limit(run) if spec.has_cost else None
         if limit is not None:
             algo.set_cost_limit(limit)
@@ -436,7 +441,8 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
         logger.close()
     wall = time.perf_counter() - t_start
     result = TrainResult(run_dir=run_dir, iterations=total_iters, env_steps=env_steps, wall_s=wall,
-                         first_return=first_ret, last_return=last_ret, final_eval=final_eval)
+                         first_return=first_ret, last_return=last_ret, final_eval=final_eval,
+                         n_agents=env.spec.n_agents)
     summary = {
         "algo": run.algo, "env": run.env, "seed": run.seed, "env_steps": env_steps, "iterations": total_iters,
         "wall_s": round(wall, 2), "env_steps_per_s": round(result.steps_per_s, 1),

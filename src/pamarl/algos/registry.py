@@ -37,6 +37,10 @@ BUILTIN = {
     "vdn": "pamarl.algos.vdn",
     "qmix": "pamarl.algos.qmix",
     "dqn_avg": "pamarl.algos.dqn_avg",
+    "mfq": "pamarl.algos.mfq",
+    "il": "pamarl.algos.il",
+    "mfac": "pamarl.algos.mfac",
+    "ac": "pamarl.algos.ac",
 }
 
 

@@ -79,6 +79,7 @@ _BUILTIN_MODULES = {
     "pettingzoo": "pamarl.envs.generic",
     "mamujoco": "pamarl.envs.mamujoco",
     "safe-mamujoco": "pamarl.envs.mamujoco",
+    "magent2": "pamarl.envs.magent",
 }
 
 
@@ -198,7 +199,8 @@ def missing_extra(env_id: str) -> str | None:
 
 
 def _extra_of(family: str) -> str:
-    return {"mamujoco": "mujoco", "safe-mamujoco": "mujoco", "magent": "magent"}.get(family, family)
+    extras = {"mamujoco": "mujoco", "safe-mamujoco": "mujoco", "magent": "magent", "magent2": "magent"}
+    return extras.get(family, family)
 
 
 def _make_single(family: str, task: str, params: dict[str, Any], seed: int | None) -> MultiAgentEnv:
