@@ -40,15 +40,7 @@ from pamarl.envs.guard import build_env
 from pamarl.envs.registry import resolve
 from pamarl.errors import RunInterrupted, TrainingError, UsageError
 from pamarl.logging import MetricsLogger
-from pamarl.rundir import (
-    LOCK_NAME,
-    RunLock,
-    check_resume,
-    make_dir,
-    prepare_new,
-    record_changes,
-    restore,
-)
+from pamarl.rundir import LOCK_NAME, RunLock, check_resume, make_dir, prepare_new, record_changes, restore
 from pamarl.signals import CheckpointClock, StopRequest, latest_checkpoint_note
 from pamarl.validation import check_together
 
