@@ -215,7 +215,13 @@ def inspect_job(job: Job) -> None:
         job.state = "new"
         return
     if cfg.is_file():
-        saved = yaml.safe_load(cfg.read_text()) or {}
+        try:
+            saved = yaml.safe_load(cfg.read_text()) or {}
+            if not isinstance(saved, dict):
+                raise TypeError("not a mapping")
+        except (yaml.YAMLError, UnicodeDecodeError, TypeError, OSError) as e:
+            raise UsageError(f"{cfg} is corrupt ({type(e).__name__}); move {d} away to retrain that run, or write "
+                             "this comparison to another --out") from e
         # A resumed run keeps its own evaluation interval when compare chose it from the budget.
         diffs = _diff(saved.get("run", {}), job.config["run"], "", ("eval_every",) if job.auto_eval else ())
         diffs += _diff(saved.get("algo", {}), job.config["algo"], "algo ")
@@ -312,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--steps must be >= 1")
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be >= 1")
+    if args.evals is not None and args.evals < 1:
+        raise UsageError(f"--evals must be >= 1, got {args.evals}")
     if args.backend == "local" and (args.address or args.cpus_per_run != 1.0):
         raise UsageError("--address and --cpus-per-run apply to --backend ray; add --backend ray")
     if args.cpus_per_run <= 0 or args.max_retries < 0:
@@ -332,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     # so flags that change neither the runs nor the numbers are left out of what the report shows.
     command = "pamarl compare " + shlex.join([a for a in argv if a not in ("--report-only", "--quiet")])
 
+    if not args.report_only and not args.dry_run:
+        from pamarl.rundir import is_locked
+
+        for j in plan.jobs:
+            holder = None if j.state == "done" else is_locked(j.run_dir)
+            if holder:
+                raise UsageError(f"{j.run_dir} is being trained by {holder}: is another `pamarl compare` writing "
+                                 f"{out}? Wait for it, or use --report-only")
     n_done = sum(j.state == "done" for j in plan.jobs)
     n_resume = sum(j.state == "resume" for j in plan.jobs)
     print(f"pamarl compare: {len(plan.jobs)} runs ({len(algos)} algorithms x {len(env_plans)} envs x "

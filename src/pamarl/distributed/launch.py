@@ -39,13 +39,15 @@ if TYPE_CHECKING:
 ATTEMPTS = "attempts.jsonl"
 
 
-def train_args(run_dir: Path, steps: int, state: str | None = None) -> tuple[str, list[str]]:
+def train_args(run_dir: Path, steps: int, state: str | None = None, env: str | None = None) -> tuple[str, list[str]]:
     """``(state, pamarl train arguments)``: ``state`` (new | resume) as the planner decided, or, without it,
-    resume from the run's checkpoint if it has one, else start it."""
+    resume from the run's checkpoint if it has one, else start it. ``env`` (the planned env id) is
+    re-stated on a resume, so an env id that imports code is never taken from the run directory alone."""
     if state is None:
         state = "resume" if (run_dir / "checkpoints" / "latest.pt").exists() else "new"
     if state == "resume":
-        return "resume", ["train", "--resume", str(run_dir), "--steps", str(steps), "progress=false"]
+        restate = ["--env", env] if env else []
+        return "resume", ["train", "--resume", str(run_dir), *restate, "--steps", str(steps), "progress=false"]
     return "new", ["train", "--config", str(run_dir / "launch.yaml")]
 
 
@@ -116,7 +118,7 @@ class LocalLauncher(Launcher):
     """A ``pamarl train`` subprocess per run, one torch thread each; output to ``RUN_DIR/train.log``."""
 
     def start(self, run_dir: Path, config: dict[str, Any], steps: int, state: str) -> subprocess.Popen[bytes]:
-        state, args = train_args(run_dir, steps, state)
+        state, args = train_args(run_dir, steps, state, config["run"]["env"])
         prepare(run_dir, config, state)
         _record(run_dir, uuid.uuid4().hex, state)
         cmd = [sys.executable, "-m", "pamarl.cli", *args]
@@ -153,7 +155,7 @@ def run_in_worker(run_dir: str, config: dict[str, Any], steps: int, launch: str,
 
     d = Path(run_dir)
     retry = any(a.get("launch") == launch for a in _attempts(d))
-    state, args = train_args(d, steps, None if retry else state)
+    state, args = train_args(d, steps, None if retry else state, config["run"]["env"])
     prepare(d, config, state)
     _record(d, launch, state)
     with open(d / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):

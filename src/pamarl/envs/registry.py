@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl
 import yaml
 
 from pamarl.errors import UsageError
+from pamarl.validation import Rule, check_params
 
 if TYPE_CHECKING:
     from pamarl.envs.base import BatchedEnv, MultiAgentEnv
@@ -55,6 +56,12 @@ class EnvFamily:
     cost_limit_for: Callable[[dict[str, Any]], float] | None = None
     """The default cost limit for given id parameters (e.g. scaled to ``?episode_limit=``); wins over
     ``default_cost_limit`` when set."""
+
+    params: dict[str, Rule] = field(default_factory=dict)
+    """Type and range of the known ``?key=value`` parameters (:mod:`pamarl.validation`); others pass as given."""
+    runs_code: bool = False
+    """The task names a Python callable that is imported and run: such ids are never taken from a file
+    without the user's say-so (:func:`check_trusted`)."""
 
     def cost_limit(self, params: dict[str, Any]) -> float | None:
         """The default per-episode cost limit of a task with these id parameters (None: no default)."""
@@ -157,7 +164,25 @@ def resolve(env_id: str) -> tuple[EnvFamily, str, dict[str, Any]]:
             f"unknown task {task!r} in env family {fam_name!r}.{_suggest(task, list(fam.tasks))} "
             f"Known tasks: {', '.join(sorted(fam.tasks))}"
         )
-    return fam, task, params
+    return fam, task, check_params(params, fam.params, env_id)
+
+
+def check_trusted(env_id: str, source: str, restated: str | None = None, trust: bool = False) -> None:
+    """Refuse an env id read from ``source`` (a file) that would import and run Python code.
+
+    Such an id (``pettingzoo/<module>:<callable>``) is accepted only when the user re-states it on the
+    command line (``restated``, e.g. ``--env``) or trusts the file (``trust``, ``--trust-env-code``).
+    Other ids build envs from the installed families only and pass.
+    """
+    fam_name = parse_env_id(env_id)[0]
+    fam = _load(fam_name)
+    if fam is None or not fam.runs_code or trust or restated == env_id:
+        return
+    raise UsageError(
+        f"{source} names the env {env_id!r}, which imports and runs Python code ({fam_name}/<module>:<callable>). "
+        "Nothing read from a run directory, checkpoint or comparison folder runs code unasked: re-state the env "
+        f"on the command line (--env '{env_id}') or pass --trust-env-code if you trust where the file came from"
+    )
 
 
 def missing_extra(env_id: str) -> str | None:
