@@ -9,9 +9,7 @@ import torch
 
 from pamarl.envs.mpe import make_mpe
 from pamarl.envs.registry import make_env
-from pamarl.errors import UsageError
 
-DTYPE = "float64"
 TASKS = ["simple_v3", "simple_spread_v3", "simple_reference_v3", "simple_speaker_listener_v4", "simple_tag_v3"]
 
 
@@ -36,10 +34,10 @@ def _world_state(refs: list) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("task", TASKS)
 def test_matches_mpe2_step_for_step(task, continuous):
     """1,000 steps (40 episodes) from mpe2's initial states, same actions: obs, state, rewards, time limits and
-    episode returns agree within 1e-5 (the torch world runs in float32; mpe2 in float64)."""
+    episode returns agree within 1e-5 (the torch world runs in float64 like mpe2 by default)."""
     e, steps, tol = 3, 1000, 1e-5
     refs = [make_mpe(task, continuous=continuous, seed=i) for i in range(e)]
-    env = make_env(f"mpe-torch/{task}?continuous={str(continuous).lower()}&dtype={DTYPE}", num_envs=e, seed=0)
+    env = make_env(f"mpe-torch/{task}?continuous={str(continuous).lower()}", num_envs=e, seed=0)
     spec = env.spec
     ref_spec = refs[0].spec
     assert (spec.agent_ids, spec.obs_dims, spec.state_dim, spec.action_dims, spec.team_reward) == (

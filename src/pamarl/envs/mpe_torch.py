@@ -2,11 +2,13 @@
 
 Ids: ``mpe-torch/<task>`` with the same task names, parameters and tensors as :mod:`pamarl.envs.mpe`
 (``N``, ``local_ratio``, ``max_cycles``, ``continuous``, and for ``simple_tag_v3`` ``prey`` and the
-``num_good``/``num_adversaries``/``num_obstacles`` counts), plus ``dtype`` (``float32`` default, or
-``float64`` as mpe2 computes). The physics is mpe2's ``World.step`` (semi-implicit Euler, damping 0.25,
-softplus contact forces between colliding entities, speed caps) and each scenario's observation and
-reward, written once for all copies and all agents; ``tests/test_mpe_torch.py`` checks observations,
-state, rewards and time limits against the ``mpe/`` family (mpe2 itself) step for step.
+``num_good``/``num_adversaries``/``num_obstacles`` counts), plus ``dtype`` of the world (``float64``, the
+default, as mpe2 computes it; or ``float32``: faster on GPUs, but contact forces amplify its rounding past
+1e-5 within an episode). Observations and rewards are float32 either way. The physics is mpe2's
+``World.step`` (semi-implicit Euler, damping 0.25, softplus contact forces between colliding entities,
+speed caps) and each scenario's observation and reward, written once for all copies and all agents;
+``tests/test_mpe_torch.py`` checks observations, state, rewards and time limits against the ``mpe/`` family
+(mpe2 itself) step for step. (Above 450 lines: the five scenarios are kept next to the world they share.)
 
 Differences from ``mpe/`` that the learner never sees: every copy runs on one episode clock (no
 supported task ends early, so all copies reset together, every ``max_cycles`` steps), and resets draw
@@ -30,7 +32,11 @@ _MOVES = [[0.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]]
 
 
 class Scenario:
-    """Static layout of one mpe2 scenario plus its observation and reward, batched over ``[E, ...]``."""
+    """Static layout of one mpe2 scenario plus its observation and reward.
+
+    Every tensor is laid out with the env copy LAST (``apos [A, 2, E]``): each elementwise operation then
+    runs over ``E`` contiguous numbers, where ``[E, A, 2]`` would loop over inner dimensions of size 2.
+    """
 
     names: list[str]
     n_team: int  # the learning agents are the first n_team of ``names``
@@ -56,21 +62,26 @@ class Scenario:
         self.max_speed = [float("inf")] * n
 
     def observe(self, w: MPETorch) -> list[torch.Tensor]:
-        """Raw observations of every agent, as groups ``[E, n_g, d_g]`` in agent order."""
+        """Raw observations of every agent, as groups ``[n_g, d_g, E]`` in agent order."""
         raise NotImplementedError
 
     def reward(self, w: MPETorch) -> torch.Tensor:
-        """``[E, n_team]`` rewards after a physics step (the local_ratio mix already applied)."""
+        """``[n_team, E]`` rewards after a physics step (the local_ratio mix already applied)."""
         raise NotImplementedError
 
     def scripted(self, w: MPETorch, obs: list[torch.Tensor]) -> torch.Tensor | None:
-        """Actions of the agents outside the team, as ``[E, A - n_team]`` (discrete) or ``[..., 5]``."""
+        """Actions of the agents outside the team: ``[A - n_team, E]`` (discrete) or ``[A - n_team, 5, E]``."""
         return None
 
 
 def _others(n: int) -> torch.Tensor:
     """``[n, n-1]``: for each agent, the other agents in world order (how mpe2 lists them)."""
     return torch.tensor([[j for j in range(n) if j != i] for i in range(n)], dtype=torch.long).reshape(n, n - 1)
+
+
+def _rel(targets: torch.Tensor, apos: torch.Tensor) -> torch.Tensor:
+    """``[A, 2 T, E]``: each target's position relative to each agent (``targets [T, 2, E]``)."""
+    return (targets[None] - apos[:, None]).reshape(apos.shape[0], -1, apos.shape[-1])
 
 
 class Simple(Scenario):
@@ -82,10 +93,10 @@ class Simple(Scenario):
         self.team_reward = True
 
     def observe(self, w: MPETorch) -> list[torch.Tensor]:
-        return [torch.cat([w.vel, w.lpos - w.apos], -1)]
+        return [torch.cat([w.vel, w.lpos - w.apos], 1)]
 
     def reward(self, w: MPETorch) -> torch.Tensor:
-        return -((w.apos - w.lpos) ** 2).sum(-1)
+        return -((w.apos - w.lpos) ** 2).sum(1)
 
 
 class Spread(Scenario):
@@ -103,28 +114,31 @@ class Spread(Scenario):
         self.agent_collide = True
         self.local_ratio = float(local_ratio)
         self.others = _others(n)
-        self.not_self = ~torch.eye(n, dtype=torch.bool)
+        self.not_self = ~torch.eye(n, dtype=torch.bool)[:, :, None]
 
     def observe(self, w: MPETorch) -> list[torch.Tensor]:
-        e, n = w.num_envs, self.n_team
+        n, e = self.n_team, w.num_envs
         o = w.const(self.others)
-        rel_l = (w.lpos[:, None] - w.apos[:, :, None]).reshape(e, n, -1)
-        rel_o = (w.apos[:, o] - w.apos[:, :, None]).reshape(e, n, -1)
-        comm = w.c[:, o].reshape(e, n, -1)
-        return [torch.cat([w.vel, w.apos, rel_l, rel_o, comm], -1)]
+        # The utterances of silent agents are always zero (mpe2 still lists them).
+        return [torch.cat([w.vel, w.apos, _rel(w.lpos, w.apos), (w.apos[o] - w.apos[:, None]).reshape(n, -1, e),
+                           w.c[o].reshape(n, -1, e)], 1)]
 
     def reward(self, w: MPETorch) -> torch.Tensor:
-        d_al = ((w.apos[:, :, None] - w.lpos[:, None]) ** 2).sum(-1).sqrt()  # [E, A, L]
-        glob = -d_al.min(1).values.sum(-1, keepdim=True)
-        d_aa = ((w.apos[:, :, None] - w.apos[:, None]) ** 2).sum(-1).sqrt()
-        hit = (d_aa < 2 * self.agent_size[0]) & w.const(self.not_self)
-        local = -hit.sum(-1).to(w.dtype)
+        d_al = ((w.apos[:, None] - w.lpos[None]) ** 2).sum(2).sqrt()  # [A, L, E]
+        glob = -d_al.min(0).values.sum(0)
+        d_aa = ((w.apos[:, None] - w.apos[None]) ** 2).sum(2).sqrt()
+        local = -((d_aa < 2 * self.agent_size[0]) & w.const(self.not_self)).sum(1).to(w.dtype)
         lr = float(self.local_ratio or 0.0)
         return glob * (1 - lr) + local * lr
 
 
 _REF_COLORS = [[0.75, 0.25, 0.25], [0.25, 0.75, 0.25], [0.25, 0.25, 0.75]]
 _SL_COLORS = [[0.65, 0.15, 0.15], [0.15, 0.65, 0.15], [0.15, 0.15, 0.65]]
+
+
+def _goal_pos(w: MPETorch, goal: torch.Tensor) -> torch.Tensor:
+    """``[G, 2, E]``: the position of each goal landmark (``goal [G, E]``)."""
+    return torch.gather(w.lpos, 0, goal[:, None].expand(-1, 2, -1))
 
 
 class Reference(Scenario):
@@ -135,19 +149,16 @@ class Reference(Scenario):
         self._defaults(2)
         self.silent = [False, False]
         self.local_ratio = float(local_ratio)
-        self.colors = torch.tensor(_REF_COLORS)
+        self.colors = torch.tensor(_REF_COLORS).T.contiguous()  # [rgb, landmark]
 
     def observe(self, w: MPETorch) -> list[torch.Tensor]:
-        e = w.num_envs
-        rel_l = (w.lpos[:, None] - w.apos[:, :, None]).reshape(e, 2, -1)
-        color = w.const(self.colors)[w.goal]  # [E, 2, 3]: the colour of goal_b
-        return [torch.cat([w.vel, rel_l, color, w.c.flip(1)], -1)]
+        color = w.const(self.colors)[:, w.goal].transpose(0, 1)  # [2, rgb, E]: the colour of goal_b
+        return [torch.cat([w.vel, _rel(w.lpos, w.apos), color, w.c.flip(0)], 1)]
 
     def reward(self, w: MPETorch) -> torch.Tensor:
-        target = torch.gather(w.lpos, 1, w.goal[..., None].expand(-1, -1, 2))  # goal_b of each agent
-        own = -((w.apos.flip(1) - target) ** 2).sum(-1).sqrt()  # goal_a is the other agent
+        own = -((w.apos.flip(0) - _goal_pos(w, w.goal)) ** 2).sum(1).sqrt()  # goal_a is the other agent
         lr = float(self.local_ratio or 0.0)
-        return own.mean(1, keepdim=True) * (1 - lr) + own * lr
+        return own.mean(0, keepdim=True) * (1 - lr) + own * lr
 
 
 class SpeakerListener(Scenario):
@@ -161,19 +172,16 @@ class SpeakerListener(Scenario):
         self.movable = [False, True]
         self.silent = [False, True]
         self.team_reward = True
-        self.colors = torch.tensor(_SL_COLORS)
+        self.colors = torch.tensor(_SL_COLORS).T.contiguous()
 
     def observe(self, w: MPETorch) -> list[torch.Tensor]:
-        e = w.num_envs
-        speaker = w.const(self.colors)[w.goal[:, :1]]  # [E, 1, 3]
-        rel_l = (w.lpos - w.apos[:, 1:]).reshape(e, 1, -1)
-        listener = torch.cat([w.vel[:, 1:], rel_l, w.c[:, :1]], -1)
+        speaker = w.const(self.colors)[:, w.goal[:1]].transpose(0, 1)  # [1, rgb, E]
+        listener = torch.cat([w.vel[1:], _rel(w.lpos, w.apos[1:]), w.c[:1]], 1)
         return [speaker, listener]
 
     def reward(self, w: MPETorch) -> torch.Tensor:
-        target = torch.gather(w.lpos, 1, w.goal[:, :1, None].expand(-1, -1, 2))[:, 0]
-        r = -((w.apos[:, 1] - target) ** 2).sum(-1, keepdim=True)
-        return r.expand(-1, 2)
+        r = -((w.apos[1:] - _goal_pos(w, w.goal[:1])) ** 2).sum(1)
+        return r.expand(2, -1)
 
 
 class Tag(Scenario):
@@ -182,11 +190,11 @@ class Tag(Scenario):
     def __init__(self, num_good: int = 1, num_adversaries: int = 3, num_obstacles: int = 2, prey: str = "flee"):
         if prey not in ("flee", "random"):
             raise UsageError(f"mpe-torch/simple_tag_v3: prey must be 'flee' or 'random', got {prey!r}")
-        g, a, L = int(num_good), int(num_adversaries), int(num_obstacles)  # noqa: N806
-        if g < 1 or a < 1 or L < 0:
+        g, a, n_obs = int(num_good), int(num_adversaries), int(num_obstacles)
+        if g < 1 or a < 1 or n_obs < 0:
             raise UsageError("mpe-torch/simple_tag_v3: need num_good >= 1, num_adversaries >= 1, num_obstacles >= 0")
         self.names = [f"adversary_{i}" for i in range(a)] + [f"agent_{i}" for i in range(g)]
-        self.n_team, self.n_landmarks, self.dim_c, self.n_adv, self.n_good = a, L, 2, a, g
+        self.n_team, self.n_landmarks, self.dim_c, self.n_adv, self.n_good = a, n_obs, 2, a, g
         self._defaults(a + g)
         self.agent_size = [0.075] * a + [0.05] * g
         self.accel = [3.0] * a + [4.0] * g
@@ -197,44 +205,40 @@ class Tag(Scenario):
         self.others_good = _others(g) if g > 1 else None
 
     def observe(self, w: MPETorch) -> list[torch.Tensor]:
-        e, n, a = w.num_envs, self.n_adv + self.n_good, self.n_adv
+        e, n, a, g = w.num_envs, self.n_adv + self.n_good, self.n_adv, self.n_good
         o = w.const(self.others)
-        rel_l = (w.lpos[:, None] - w.apos[:, :, None]).reshape(e, n, -1)
-        rel_o = (w.apos[:, o] - w.apos[:, :, None]).reshape(e, n, -1)
-        base = torch.cat([w.vel, w.apos, rel_l, rel_o], -1)
-        good_vel = w.vel[:, a:]
-        adv = torch.cat([base[:, :a], good_vel.reshape(e, 1, -1).expand(-1, a, -1)], -1)
+        base = torch.cat([w.vel, w.apos, _rel(w.lpos, w.apos), (w.apos[o] - w.apos[:, None]).reshape(n, -1, e)], 1)
+        good_vel = w.vel[a:]
+        adv = torch.cat([base[:a], good_vel.reshape(1, -1, e).expand(a, -1, -1)], 1)
+        if self.others_good is None:
+            return [adv, base[a:]]
         # each good agent sees the velocities of the other good agents
-        og = w.const(self.others_good) if self.others_good is not None else None
-        prey_vel = good_vel[:, og].reshape(e, self.n_good, -1) if og is not None else base.new_zeros(e, 1, 0)
-        return [adv, torch.cat([base[:, a:], prey_vel], -1)]
-
-    def _caught(self, w: MPETorch) -> torch.Tensor:
-        d = ((w.apos[:, self.n_adv:, None] - w.apos[:, None, : self.n_adv]) ** 2).sum(-1).sqrt()  # [E, G, A]
-        return d < (0.075 + 0.05)
+        return [adv, torch.cat([base[a:], good_vel[w.const(self.others_good)].reshape(g, -1, e)], 1)]
 
     def reward(self, w: MPETorch) -> torch.Tensor:
-        r = 10.0 * self._caught(w).flatten(1).sum(-1, keepdim=True).to(w.dtype)
-        return r.expand(-1, self.n_adv)
+        a = self.n_adv
+        d = ((w.apos[a:, None] - w.apos[None, :a]) ** 2).sum(2).sqrt()  # [G, adversaries, E]
+        caught = (d < self.agent_size[0] + self.agent_size[-1]).flatten(0, 1).sum(0)
+        return (10.0 * caught.to(w.dtype))[None].expand(a, -1)
 
     def scripted(self, w: MPETorch, obs: list[torch.Tensor]) -> torch.Tensor:
         """The prey's actions: mpe's flee policy (away from the nearest predator) or uniformly random."""
-        e, g = w.num_envs, self.n_good
+        e, g, a = w.num_envs, self.n_good, self.n_adv
         if self.prey == "random":
             if w.continuous:
-                return torch.rand(e, g, 5, generator=w.gen, device=w.device, dtype=w.dtype)
-            return torch.randint(0, 5, (e, g), generator=w.gen, device=w.device)
-        start = 4 + 2 * self.n_landmarks  # predators' relative positions in the prey's observation
-        rel = obs[1][..., start: start + 2 * self.n_adv].reshape(e, g, self.n_adv, 2)
-        near = torch.gather(rel, 2, (rel**2).sum(-1).argmin(-1)[..., None, None].expand(-1, -1, 1, 2))[:, :, 0]
-        pos = near > 0
+                return torch.rand(g, 5, e, generator=w.gen, device=w.device, dtype=w.dtype)
+            return torch.randint(0, 5, (g, e), generator=w.gen, device=w.device)
+        start = 4 + 2 * self.n_landmarks  # the predators' relative positions in the prey's observation
+        rel = obs[1][:, start: start + 2 * a].reshape(g, a, 2, e).float()  # mpe's policy reads float32 obs
+        near = torch.gather(rel, 1, (rel**2).sum(2).argmin(1)[:, None, None].expand(-1, 1, 2, -1))[:, 0]
+        pos = near > 0  # [G, 2, E]
         if w.continuous:
-            a = torch.zeros(e, g, 5, device=w.device, dtype=w.dtype)
-            a.scatter_(2, torch.where(pos[..., :1], 1, 2), 1.0)
-            a.scatter_(2, torch.where(pos[..., 1:], 3, 4), 1.0)
-            return a
-        x_axis = near[..., 0].abs() >= near[..., 1].abs()
-        return torch.where(x_axis, torch.where(pos[..., 0], 1, 2), torch.where(pos[..., 1], 3, 4))
+            act = torch.zeros(g, 5, e, device=w.device, dtype=w.dtype)
+            act.scatter_(1, torch.where(pos[:, :1], 1, 2), 1.0)
+            act.scatter_(1, torch.where(pos[:, 1:], 3, 4), 1.0)
+            return act
+        x_axis = near[:, 0].abs() >= near[:, 1].abs()
+        return torch.where(x_axis, torch.where(pos[:, 0], 1, 2), torch.where(pos[:, 1], 3, 4))
 
 
 SCENARIOS: dict[str, type[Scenario]] = {
@@ -254,12 +258,12 @@ TASKS = {
 
 
 class MPETorch(BatchedEnv):
-    """``E`` copies of one MPE scenario as tensors on ``device``: positions ``apos [E, A, 2]``,
-    landmarks ``lpos [E, L, 2]``, velocities ``vel [E, A, 2]``, utterances ``c [E, A, dim_c]`` and each
-    agent's goal landmark ``goal [E, A]`` (scenarios with goals)."""
+    """``E`` copies of one MPE scenario as tensors on ``device``, the copy index last: agent positions
+    ``apos [A, 2, E]``, landmarks ``lpos [L, 2, E]``, velocities ``vel [A, 2, E]``, utterances
+    ``c [A, dim_c, E]`` and each agent's goal landmark ``goal [A, E]`` (scenarios with goals)."""
 
     def __init__(self, scenario: Scenario, num_envs: int, max_cycles: int = 25, continuous: bool = False,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int | None = None):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64, seed: int | None = None):
         if int(max_cycles) < 1:
             raise UsageError(f"mpe-torch: max_cycles must be >= 1, got {max_cycles}")
         self.sc, self.num_envs, self.max_cycles = scenario, int(num_envs), int(max_cycles)
@@ -269,31 +273,33 @@ class MPETorch(BatchedEnv):
         sc, n_all, dc = scenario, len(scenario.names), scenario.dim_c
         move = torch.tensor(sc.movable)
         comm = ~torch.tensor(sc.silent) & (dc > 0)
-        self._move, self._comm = self.const(move), self.const(comm)
-        self._sens = self.const(torch.tensor(sc.accel)[:, None] * move[:, None])  # [A, 1]: 0 if immobile
-        self._moves = self.const(torch.tensor(_MOVES)) if not self.continuous else None
+        self._any_comm = bool(comm.any())
+        self._move, self._comm = self.const(move[:, None]), self.const(comm[:, None, None])
+        self._sens = self.const(torch.tensor(sc.accel)[:, None, None] * move[:, None, None])  # 0 if immobile
+        self._mx, self._my = self.const(torch.tensor(_MOVES)[:, 0].contiguous()), self.const(torch.tensor(_MOVES)[:, 1])
+        self._arange_c = self.const(torch.arange(max(dc, 1))[None, :, None])
         cap = torch.tensor(sc.max_speed)
-        self._cap = self.const(cap[:, None]) if bool(torch.isfinite(cap).any()) else None
-        self._comm_idx = self.const((torch.where(move, 5, 0)[:, None] + torch.arange(max(dc, 1))[None]))
-        # Colliding pairs (a < b over agents then landmarks, as mpe2 loops) and the signed incidence
-        # matrix that adds each pair's force to its movable agents: F = S @ f.
+        self._cap = self.const(cap[:, None, None]) if bool(torch.isfinite(cap).any()) else None
+        self._comm_idx = self.const(torch.where(move, 5, 0)[:, None] + torch.arange(max(dc, 1))[None])  # [A, dc]
+        # Colliding pairs (a < b over agents then landmarks, as mpe2 loops; landmark pairs move nothing) and
+        # the signed incidence matrix that adds each pair's force to its movable agents: F = S @ f.
         sizes = list(sc.agent_size) + [sc.landmark_size] * sc.n_landmarks
         coll = [sc.agent_collide] * n_all + [sc.landmark_collide] * sc.n_landmarks
-        pairs = [(a, b) for a in range(len(sizes)) for b in range(a + 1, len(sizes)) if coll[a] and coll[b]]
-        pairs = [(a, b) for a, b in pairs if a < n_all]  # landmarks never move: their mutual forces act on nothing
+        pairs = [(a, b) for a in range(n_all) for b in range(a + 1, len(sizes)) if coll[a] and coll[b]]
         self._pairs = bool(pairs)
         if pairs:
-            s = torch.zeros(n_all, len(pairs))
+            inc = torch.zeros(n_all, len(pairs))
             for p, (a, b) in enumerate(pairs):
-                s[a, p] = 1.0 if sc.movable[a] else 0.0
+                inc[a, p] = 1.0 if sc.movable[a] else 0.0
                 if b < n_all:
-                    s[b, p] = -1.0 if sc.movable[b] else 0.0
+                    inc[b, p] = -1.0 if sc.movable[b] else 0.0
             self._ia = self.const(torch.tensor([a for a, _ in pairs]))
             self._ib = self.const(torch.tensor([b for _, b in pairs]))
-            self._dmin = self.const(torch.tensor([sizes[a] + sizes[b] for a, b in pairs])[:, None])
-            self._S = self.const(s)
-        self.reset(seed)
-        raw = [g.shape[-1] for g in sc.observe(self) for _ in range(g.shape[1])]
+            self._dmin = self.const(torch.tensor([sizes[a] + sizes[b] for a, b in pairs])[:, None, None])
+            self._inc = self.const(inc)
+        self._reset_world()
+        groups = sc.observe(self)
+        raw = [g.shape[1] for g in groups for _ in range(g.shape[0])]
         team = range(sc.n_team)
         if self.continuous:
             act = [(5 if sc.movable[i] else 0) + (dc if comm[i] else 0) for i in team]
@@ -306,12 +312,12 @@ class MPETorch(BatchedEnv):
             action_high=tuple((1.0,) * d for d in act) if self.continuous else None,
             episode_limit=self.max_cycles, team_reward=sc.team_reward,
         )
-        width = self.spec.obs_dim
-        self._pad = [width - g.shape[-1] for g in sc.observe(self)]
+        self._pad = [self.spec.obs_dim - g.shape[1] for g in groups]
         mask = torch.as_tensor(self.spec.action_dim_mask())  # the real action slots (dims) of each agent
         self._mask = self.const(mask)[None].expand(self.num_envs, -1, -1)
         self._active = torch.ones(self.num_envs, sc.n_team, dtype=torch.bool, device=self.device)
-        self._ret = torch.zeros(self.num_envs, sc.n_team, dtype=torch.float64, device=self.device)
+        self._ret = torch.zeros(sc.n_team, self.num_envs, dtype=torch.float64, device=self.device)
+        self._groups = groups
 
     def const(self, t: torch.Tensor) -> torch.Tensor:
         """A constant on this env's device, floats in its dtype, cached per tensor object (so only pass
@@ -324,23 +330,25 @@ class MPETorch(BatchedEnv):
         return cache[key][1]
 
     # ------------------------------------------------------------------ world
-    def _rand(self, *shape: int, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
-        return torch.rand(*shape, generator=self.gen, device=self.device, dtype=self.dtype) * (hi - lo) + lo
+    def _rand(self, *shape: int, r: float = 1.0) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.gen, device=self.device, dtype=self.dtype) * (2 * r) - r
 
     def _reset_world(self) -> None:
         e, sc = self.num_envs, self.sc
         n = len(sc.names)
-        self.apos = self._rand(e, n, 2)
-        self.lpos = self._rand(e, sc.n_landmarks, 2, lo=-sc.landmark_range, hi=sc.landmark_range)
-        self.vel = torch.zeros(e, n, 2, device=self.device, dtype=self.dtype)
-        self.c = torch.zeros(e, n, sc.dim_c, device=self.device, dtype=self.dtype)
-        self.goal = torch.randint(0, max(sc.n_landmarks, 1), (e, n), generator=self.gen, device=self.device)
+        self.apos = self._rand(n, 2, e)
+        self.lpos = self._rand(sc.n_landmarks, 2, e, r=sc.landmark_range)
+        self.vel = torch.zeros(n, 2, e, device=self.device, dtype=self.dtype)
+        self.c = torch.zeros(n, sc.dim_c, e, device=self.device, dtype=self.dtype)
+        self.goal = torch.randint(0, max(sc.n_landmarks, 1), (n, e), generator=self.gen, device=self.device)
         self.t = 0
 
     def set_world(self, apos: Any, lpos: Any, vel: Any, c: Any | None = None, goal: Any | None = None) -> BatchObs:
-        """Overwrite the world state of every copy (e.g. with an mpe2 world's) and observe it."""
+        """Overwrite every copy's world (e.g. with mpe2's) and observe it. Arrays are copy-first:
+        ``apos [E, A, 2]``, ``lpos [E, L, 2]``, ``vel [E, A, 2]``, ``c [E, A, dim_c]``, ``goal [E, A]``."""
         def put(x: Any, like: torch.Tensor) -> torch.Tensor:
-            return torch.as_tensor(x).to(self.device, like.dtype).reshape(like.shape).clone()
+            t = torch.as_tensor(x).to(self.device, like.dtype)
+            return t.permute(*range(1, t.dim()), 0).reshape(like.shape).contiguous()
         self.apos, self.lpos, self.vel = put(apos, self.apos), put(lpos, self.lpos), put(vel, self.vel)
         if c is not None:
             self.c = put(c, self.c)
@@ -349,46 +357,56 @@ class MPETorch(BatchedEnv):
         self._groups = self.sc.observe(self)
         return self._pack(self._groups)
 
-    def _decode(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forces ``u [E, A, 2]`` and utterances ``c [E, A, dim_c]`` from every agent's action."""
+    def _decode(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forces ``u [A, 2, E]`` and utterances ``c [A, dim_c, E]`` (None: all silent) from the actions."""
         dc = self.sc.dim_c
-        if self.continuous:
-            a = a.to(self.dtype).clamp(0.0, 1.0)
-            u = torch.stack([a[..., 2] - a[..., 1], a[..., 4] - a[..., 3]], -1) if a.shape[-1] >= 5 else \
-                a.new_zeros(*a.shape[:-1], 2)
-            u = u * self._sens
-            idx = self._comm_idx.clamp(max=a.shape[-1] - 1)[None].expand(a.shape[0], -1, -1)
-            c = torch.gather(a, 2, idx)[..., :dc] * self._comm[:, None]
-            return u, c
-        a = a.long()
-        assert self._moves is not None
-        u = self._moves[torch.where(self._move, a % 5, 0)] * self._sens
-        c = F.one_hot(torch.where(self._move, a // 5, a).clamp(0, max(dc, 1) - 1), max(dc, 1)).to(self.dtype)
-        return u, (c * self._comm[:, None])[..., :dc]
+        if self.continuous:  # [A, D, E] in [0, 1]: u = (a2 - a1, a4 - a3) * accel; c = the next dim_c entries
+            a = a.clamp(0.0, 1.0)
+            if a.shape[1] >= 5:
+                u = torch.stack([a[:, 2] - a[:, 1], a[:, 4] - a[:, 3]], 1)
+            else:  # nobody moves (only speakers)
+                u = a.new_zeros(a.shape[0], 2, a.shape[2])
+            if not self._any_comm:
+                return u * self._sens, None
+            idx = self._comm_idx.clamp(max=a.shape[1] - 1)[:, :, None].expand(-1, -1, a.shape[2])
+            return u * self._sens, torch.gather(a, 1, idx)[:, :dc] * self._comm
+        mv = torch.where(self._move, a % 5, 0)  # [A, E]: movement in a % 5, utterance in a // 5 (mpe2's order)
+        u = torch.stack([self._mx[mv], self._my[mv]], 1) * self._sens
+        if not self._any_comm:
+            return u, None
+        sym = torch.where(self._move, a // 5, a)
+        return u, (sym[:, None] == self._arange_c).to(self.dtype)[:, :dc] * self._comm
 
     def _physics(self, u: torch.Tensor) -> None:
         """mpe2 ``World.step``: contact forces, then p += v dt; v = v (1 - damping) + F dt; speed caps."""
         force = u
         if self._pairs:
-            ent = torch.cat([self.apos, self.lpos], 1) if self.sc.landmark_collide else self.apos
-            delta = ent[:, self._ia] - ent[:, self._ib]  # [E, P, 2]
-            dist = (delta**2).sum(-1, keepdim=True).sqrt()
+            ent = torch.cat([self.apos, self.lpos], 0) if self.sc.landmark_collide else self.apos
+            delta = ent[self._ia] - ent[self._ib]  # [P, 2, E]
+            dist = (delta**2).sum(1, keepdim=True).sqrt()
             pen = F.softplus(-(dist - self._dmin) / CONTACT_MARGIN) * CONTACT_MARGIN
-            force = force + torch.matmul(self._S, CONTACT_FORCE * delta / dist * pen)
+            f = CONTACT_FORCE * delta / dist * pen
+            force = force + torch.matmul(self._inc, f.flatten(1)).view_as(u)
         self.apos = self.apos + self.vel * DT
         vel = self.vel * (1 - DAMPING) + force * DT
         if self._cap is not None:
-            speed = (vel**2).sum(-1, keepdim=True).sqrt()
+            speed = (vel**2).sum(1, keepdim=True).sqrt()
             vel = torch.where(speed > self._cap, vel / speed * self._cap, vel)
         self.vel = vel
 
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        """``[A, D, E]`` (this env's dtype) -> ``[E, A, D]`` float32, contiguous, in one copy."""
+        return torch.empty(x.shape[2], x.shape[0], x.shape[1], device=self.device).copy_(x.permute(2, 0, 1))
+
     def _pack(self, groups: list[torch.Tensor]) -> BatchObs:
-        state = torch.cat([g.flatten(1) for g in groups], 1) if len(groups) > 1 else groups[0].flatten(1)
-        padded = [F.pad(g, (0, p)) if p else g for g, p in zip(groups, self._pad)] if hasattr(self, "_pad") \
-            else groups
-        obs = torch.cat(padded, 1) if len(padded) > 1 else padded[0]
-        return BatchObs(obs=obs[:, : self.sc.n_team].float(), state=state.float(), action_mask=self._mask,
-                        active=self._active)
+        n = self.sc.n_team
+        if len(groups) == 1 and not self._pad[0]:
+            full = self._out(groups[0])
+            obs, state = full[:, :n], full.flatten(1)
+        else:
+            state = torch.cat([self._out(g).flatten(1) for g in groups], 1)
+            obs = self._out(torch.cat([F.pad(g, (0, 0, 0, p)) if p else g for g, p in zip(groups, self._pad)], 0)[:n])
+        return BatchObs(obs=obs, state=state, action_mask=self._mask, active=self._active)
 
     # ------------------------------------------------------------------ API
     def reset(self, seed: int | None = None) -> BatchObs:
@@ -396,11 +414,9 @@ class MPETorch(BatchedEnv):
         if seed is not None:
             self.gen.manual_seed(int(seed))
         self._reset_world()
+        self._ret.zero_()
         self._groups = self.sc.observe(self)
-        if hasattr(self, "_ret"):
-            self._ret.zero_()
-            return self._pack(self._groups)
-        return None  # type: ignore[return-value]  # first call from __init__, before the spec exists
+        return self._pack(self._groups)
 
     def step(self, actions: torch.Tensor) -> BatchStep:
         e, sc = self.num_envs, self.sc
@@ -408,13 +424,15 @@ class MPETorch(BatchedEnv):
         want = (e, sc.n_team) if not self.continuous else (e, sc.n_team, self.spec.act_dim)
         if tuple(a.shape) != want:
             raise UsageError(f"mpe-torch: actions must have shape {want}, got {tuple(a.shape)}")
+        a = a.permute(1, 2, 0).to(self.dtype) if self.continuous else a.T.long()
         other = sc.scripted(self, self._groups)
         if other is not None:
-            a = torch.cat([a.to(other.dtype) if self.continuous else a.long(), other], 1)
+            a = torch.cat([a, other], 0)
         u, c = self._decode(a)
         self._physics(u)
-        self.c = c
-        reward = sc.reward(self).float()
+        if c is not None:
+            self.c = c
+        reward = sc.reward(self)
         self._ret += reward
         self.t += 1
         self._groups = sc.observe(self)
@@ -422,21 +440,21 @@ class MPETorch(BatchedEnv):
         done = self.t >= self.max_cycles
         episodes: list[EpisodeStats] = []
         if done:
-            rets = self._ret.tolist()
+            rets = self._ret.T.tolist()
             episodes = [EpisodeStats(team_return=sum(r), agent_returns=r, length=self.t, truncated=True) for r in rets]
             nxt = self.reset()
         else:
             nxt = final
         flag = torch.full((e,), done, dtype=torch.bool, device=self.device)
-        return BatchStep(next=nxt, final=final, reward=reward, cost=None, terminated=torch.zeros_like(flag),
-                         truncated=flag, episodes=episodes)
+        return BatchStep(next=nxt, final=final, reward=reward.T.float().contiguous(), cost=None,
+                         terminated=torch.zeros_like(flag), truncated=flag, episodes=episodes)
 
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def make_mpe_torch(task: str, num_envs: int, seed: int | None = None, device: str = "cpu", max_cycles: int = 25,
-                   continuous: bool = False, dtype: str = "float32", **kw: Any) -> MPETorch:
+                   continuous: bool = False, dtype: str = "float64", **kw: Any) -> MPETorch:
     """``num_envs`` copies of ``task``; ``kw`` are the scenario's own parameters (as in ``mpe/``)."""
     if dtype not in _DTYPES:
         raise UsageError(f"mpe-torch/{task}: dtype must be 'float32' or 'float64', got {dtype!r}")
