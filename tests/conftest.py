@@ -14,3 +14,7 @@ def quick_run(tmp_path, name: str = "run", **kw):
     base = dict(progress=False, tensorboard=False, eval_every=0, run_dir=str(tmp_path / name))
     base.update(kw)
     return TrainConfig(**base)
+
+
+# Every torch device present: CPU always, CUDA where a GPU is usable (tests parametrised over devices).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -20,7 +20,7 @@ from pamarl.algos.hatrpo import (
     gaussian_kl,
     policy_dist,
 )
-from pamarl.algos.onpolicy import OnPolicyAlgorithm, OnPolicyConfig
+from pamarl.algos.onpolicy import OnPolicyAlgorithm, OnPolicyBatch, OnPolicyConfig
 from pamarl.algos.registry import algorithms, get_algorithm
 from pamarl.config import TrainConfig, build
 from pamarl.envs.base import BatchedEnv
@@ -56,10 +56,10 @@ def make(name: str, env_id: str, seed: int = 0, **cfg: Any) -> tuple[OnPolicyAlg
     return algo, env
 
 
-def prepared(algo: OnPolicyAlgorithm) -> dict[str, torch.Tensor]:
+def prepared(algo: OnPolicyAlgorithm) -> OnPolicyBatch:
     """The batch exactly as ``update`` hands it to the step rule."""
     batch = algo.prepare()
-    batch["policy_adv"] = algo._normalise(algo.policy_advantage(batch, PROGRESS), batch["mask"])
+    batch.policy_adv = algo.policy_advantage(batch, PROGRESS)
     return batch
 
 
@@ -163,7 +163,7 @@ def test_hatrpo_update_respects_kl_threshold(env_id: str, damping: float) -> Non
         env.close()
     accepted = 0
     for i in range(algo.n):
-        obs, mask, m = batch["obs"][:, [i]], batch["action_mask"][:, [i]], batch["mask"][:, i]
+        obs, mask, m = batch.obs[:, [i]], batch.action_mask[:, [i]], batch.mask[:, i]
         with torch.no_grad():
             old = policy_dist(before, obs, mask, [i])
             new = policy_dist(algo.actor, obs, mask, [i])
@@ -196,7 +196,7 @@ def test_updating_one_agent_never_moves_another(name: str, env_id: str) -> None:
     algo, env = make(name, env_id)
     env.close()
     batch = prepared(algo)
-    B = batch["obs"].shape[0]
+    B = batch.size
     factor = 0.5 + torch.rand(B, generator=torch.Generator().manual_seed(3))
     for i in range(algo.n):
         params = [agent_state(algo, j) for j in range(algo.n)]
@@ -238,12 +238,12 @@ def test_haa2c_step_is_adam_on_the_a2c_loss() -> None:
     env.close()
     assert isinstance(algo.cfg, OnPolicyConfig)
     batch = prepared(algo)
-    factor = 0.5 + torch.rand(batch["obs"].shape[0], generator=torch.Generator().manual_seed(4))
+    factor = 0.5 + torch.rand(batch.size, generator=torch.Generator().manual_seed(4))
     i = 1
     ref = copy.deepcopy(algo.actor)
     opt = torch.optim.Adam(ref.agent_parameters(i), lr=1e-3, eps=algo.cfg.adam_eps)
-    logp, ent = ref.evaluate(batch["obs"][:, [i]], batch["action_mask"][:, [i]], batch["action"][:, [i]], [i])
-    loss = a2c_loss(logp, batch["logp"][:, [i]], batch["policy_adv"][:, [i]], factor, ent, batch["mask"][:, [i]], 0.05)
+    logp, ent = ref.evaluate(batch.obs[:, [i]], batch.action_mask[:, [i]], batch.action[:, [i]], [i])
+    loss = a2c_loss(logp, batch.logp[:, [i]], batch.policy_adv[:, [i]], factor, ent, batch.mask[:, [i]], 0.05)
     opt.zero_grad()
     loss.sum().backward()
     opt.step()

@@ -3,6 +3,7 @@ sequential actor update, env refusal, checkpoints and exact resume, and learning
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from pathlib import Path
@@ -20,7 +21,6 @@ from pamarl.algos.offpolicy import (
     max_q_value,
     soft_update,
     td_target,
-    team_reward,
 )
 from pamarl.algos.registry import get_algorithm
 from pamarl.buffers.replay import TransitionBatch
@@ -86,13 +86,17 @@ class RandomPolicy:
         low, high = sp.padded_bounds()
         self.low, self.high = torch.as_tensor(low), torch.as_tensor(high)
 
+    def evaluation(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
     def act(self, obs: BatchObs, explore: bool = True) -> ActOut:
         E, n = obs.obs.shape[:2]
         if self.spec.discrete:
             p = obs.action_mask.float().reshape(E * n, -1)
-            return ActOut(torch.multinomial(p, 1, generator=self.g).reshape(E, n))
+            a = torch.multinomial(p, 1, generator=self.g).reshape(E, n)
+            return ActOut(a, a)
         u = torch.rand(E, n, self.spec.act_dim, generator=self.g)
-        return ActOut(self.low + u * (self.high - self.low))
+        return ActOut(self.low + u * (self.high - self.low), u)
 
 
 def random_return(env_id: str, episodes: int = 48) -> float:
@@ -146,7 +150,11 @@ def test_double_q_and_max_targets_respect_masks() -> None:
 
 def test_team_reward_schedule_and_target_updates() -> None:
     r = torch.tensor([[1.0, 3.0]])
-    assert team_reward(r, "mean").item() == 2.0 and team_reward(r, "sum").item() == 4.0
+    algo = make("vdn", spec())
+    assert algo.reward_mode == "team"  # reward=auto on a cooperative task
+    assert algo.team_reward(torch.tensor([[4.0, 4.0]])).item() == 4.0  # every agent already holds the sum
+    algo.reward_mode = "individual"  # own rewards: the team reward sums them
+    assert algo.team_reward(r).item() == 4.0
     assert linear_schedule(1.0, 0.1, 100, 50) == pytest.approx(0.55)
     assert linear_schedule(1.0, 0.1, 100, 500) == pytest.approx(0.1)
     src, tgt = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
@@ -176,7 +184,8 @@ def test_iql_loss_matches_hand_computation() -> None:
 
 def test_vdn_loss_is_team_td_of_summed_utilities() -> None:
     sp = spec()
-    algo = make("vdn", sp, hidden=(8,), gamma=0.95, team_reward="sum")
+    algo = make("vdn", sp, hidden=(8,), gamma=0.95)
+    algo.reward_mode = "individual"  # per-agent rewards in the batch: the mixer's target sums them
     b = batch(sp, seed=1, gamma=0.95)
     loss, _ = algo.loss(algo.q_pairs(b))
     with torch.no_grad():
@@ -359,11 +368,11 @@ def test_continuous_actions_reach_env_bounds() -> None:
     sp = spec(discrete=False)
     algo = make("hatd3", sp, hidden=(8,), critic_hidden=(8,), learning_starts=0, expl_noise=10.0)
     obs = BatchObs(torch.randn(2, 2, 3), torch.randn(2, 4), torch.ones(2, 2, 3, dtype=torch.bool),
-                   torch.ones(2, 2, dtype=torch.bool))
+                   torch.ones(2, 2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
     out = algo.act(obs)
     assert (out.env_action >= 0).all() and (out.env_action <= 2).all()
     assert ((out.env_action == 0) | (out.env_action == 2)).any()  # huge noise saturates at the bounds
-    assert torch.allclose(out.env_action, (out.extras["action"] + 1))  # [-1, 1] -> [0, 2]
+    assert torch.allclose(out.env_action, (out.action + 1))  # [-1, 1] -> [0, 2]
 
 
 def test_epsilon_greedy_only_picks_allowed_actions() -> None:
@@ -371,7 +380,8 @@ def test_epsilon_greedy_only_picks_allowed_actions() -> None:
     algo = make("qmix", sp, hidden=(8,), eps_start=1.0, eps_anneal_steps=10**9)
     mask = torch.zeros(64, 2, 4, dtype=torch.bool)
     mask[..., 1] = mask[..., 3] = True
-    obs = BatchObs(torch.randn(64, 2, 3), torch.randn(64, 4), mask, torch.ones(64, 2, dtype=torch.bool))
+    obs = BatchObs(torch.randn(64, 2, 3), torch.randn(64, 4), mask, torch.ones(64, 2, dtype=torch.bool),
+                   torch.ones(64, dtype=torch.bool))
     a = algo.act(obs).env_action
     assert set(a.unique().tolist()) == {1, 3}
     g = algo.act(obs, explore=False).env_action
@@ -379,29 +389,33 @@ def test_epsilon_greedy_only_picks_allowed_actions() -> None:
 
 
 
-def test_recurrent_eval_state_restarts_with_each_evaluation_and_episode() -> None:
-    """The runner does not report evaluation episode ends, so recurrent agents restart their evaluation
-    state when an evaluation begins (after training steps) and every ``episode_limit`` steps; with the
-    optional ``on_eval_step`` hook the real episode ends are used."""
-    sp = spec()  # episode_limit = 5
+def test_recurrent_states_reset_exactly_at_episode_starts() -> None:
+    """Hidden states reset where ``BatchObs.first`` marks an episode start, and evaluation keeps states of
+    its own, so an evaluation in the middle of a rollout leaves the training episodes' states alone."""
+    sp = spec()
     algo = make("qmix", sp, rnn=True, rnn_hidden=8)
-    obs = BatchObs(torch.randn(2, 2, 3), torch.randn(2, 4), torch.ones(2, 2, 3, dtype=torch.bool),
-                   torch.ones(2, 2, dtype=torch.bool))
-    algo.act(obs, explore=True)
-    hs = []
-    for _ in range(7):
-        algo.act(obs, explore=False)
-        hs.append(algo.h_eval.clone())
-    assert torch.allclose(hs[5], hs[0]) and not torch.allclose(hs[1], hs[0])
-    algo.act(obs, explore=True)  # training in between: the next evaluation starts afresh
-    algo.act(obs, explore=False)
-    assert torch.allclose(algo.h_eval, hs[0])
-    from pamarl.envs.base import BatchStep
 
-    done = torch.tensor([True, False])
-    algo.on_eval_step(BatchStep(next=obs, final=obs, reward=torch.zeros(2, 2), cost=None, terminated=done,
-                                truncated=torch.zeros(2, dtype=torch.bool)))
-    assert (algo.h_eval[0] == 0).all() and (algo.h_eval[1] != 0).any()
+    def obs(first: list[bool]) -> BatchObs:
+        g = torch.Generator().manual_seed(0)
+        return BatchObs(torch.randn(2, 2, 3, generator=g), torch.randn(2, 4, generator=g),
+                        torch.ones(2, 2, 3, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool),
+                        torch.tensor(first))
+
+    algo.act(obs([True, True]))
+    h1 = algo.h_train.clone()
+    algo.act(obs([False, False]))
+    h2 = algo.h_train.clone()
+    assert not torch.allclose(h1, h2)  # the state carries the history
+    with algo.evaluation():
+        for _ in range(3):
+            algo.act(obs([False, False]), explore=False)
+        h_eval = algo.h_eval.clone()
+    assert torch.equal(algo.h_train, h2)  # the evaluation did not touch the training states
+    algo.act(obs([True, False]))  # env 0 starts a new episode: from the zero state, like the very first step
+    assert torch.allclose(algo.h_train[0], h1[0]) and not torch.allclose(algo.h_train[1], h1[1])
+    with algo.evaluation():  # a new evaluation starts from reset envs: from zero states again
+        algo.act(obs([True, True]), explore=False)
+    assert torch.allclose(algo.h_eval, h1) and not torch.allclose(h_eval, h1)
 
 
 def _tiny_tasks(kinds: tuple[str, ...]) -> list[str]:

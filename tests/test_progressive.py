@@ -9,6 +9,7 @@ import torch
 from conftest import quick_run
 
 from pamarl.algos.base import Progress
+from pamarl.algos.onpolicy import OnPolicyBatch
 from pamarl.algos.registry import get_algorithm
 from pamarl.algos.schedules import alpha_schedule, critical_count, progressive, sequential
 from pamarl.envs.base import BatchStep
@@ -116,8 +117,8 @@ def test_factor_is_product_of_earlier_ratios_and_regular_phase_is_simultaneous()
     _fill(a1, env), _fill(a2, env)
     b1, b2 = a1.prepare(), a2.prepare()
     for b in (b1, b2):
-        b["policy_adv"] = b["adv"]
-    f = torch.ones(b1["obs"].shape[0])
+        b.policy_adv = b.adv
+    f = torch.ones(b1.size)
     a1.actor_step(b1, [0, 3], f)
     a2.actor_step(b2, [3, 0], f)
     for i in (0, 3):
@@ -180,8 +181,28 @@ def test_lagrangian_multiplier_rises_when_cost_exceeds_limit():
         assert "loss/cost_0" in m
     # random play costs ~2 per 4-step episode > limit 0.5: lambda climbs by lambda_lr * (cost - limit)
     assert lams[0] > 0.0 and all(b > a for a, b in zip(lams, lams[1:]))
-    adv = algo.policy_advantage({"adv": torch.ones(2), "cost_adv": torch.ones(2)}, Progress(0, 1, 0))
-    assert torch.allclose(adv, torch.full((2,), (1 - lams[-1]) / (1 + lams[-1])))
+    # Safe-RL advantage: reward and cost advantages are standardised *separately*, then mixed with lambda
+    # (OmniSafe's PPO-Lag), whatever their scales: a cost advantage 10^4 times smaller still counts.
+    g = torch.Generator().manual_seed(0)
+    B, N = 64, algo.n
+    adv_r, adv_c = 100.0 * torch.randn(B, N, generator=g) + 7.0, 0.01 * torch.randn(B, N, generator=g) - 3.0
+    mask = (torch.rand(B, N, generator=g) > 0.2).float()
+    z = torch.zeros(B, N)
+    batch = OnPolicyBatch(obs=z, state=z, action_mask=z, active=mask.bool(), action=z, logp=z, mask=mask,
+                          value_old=z, ret=z, adv=adv_r, cost_adv=adv_c)
+    lam = algo.lagrange = 0.7
+
+    def standardised(x: torch.Tensor) -> torch.Tensor:  # over the active samples, per agent
+        mean = (x * mask).sum(0) / mask.sum(0)
+        std = (((x - mean) ** 2 * mask).sum(0) / mask.sum(0)).sqrt()
+        return (x - mean) / (std + 1e-8)
+
+    expected = (standardised(adv_r) - lam * standardised(adv_c)) / (1 + lam)
+    assert torch.allclose(algo.policy_advantage(batch, Progress(0, 1, 0)), expected, atol=1e-5)
+    # lambda keeps its meaning: at lambda = 1 a one-std cost advantage cancels a one-std reward advantage.
+    algo.lagrange = 1.0
+    mixed = algo.policy_advantage(batch, Progress(0, 1, 0))
+    assert torch.allclose(mixed, (standardised(adv_r) - standardised(adv_c)) / 2, atol=1e-5)
 
 
 @pytest.mark.parametrize("algo", ["happo", "progressive"])

@@ -24,7 +24,8 @@ def obs_at(v: float) -> BatchObs:
     """Observations whose every entry encodes ``v`` (plus the env index / 100)."""
     base = v + torch.arange(E, dtype=torch.float32)[:, None] / 100
     return BatchObs(obs=base[:, :, None].expand(E, N, OB).clone(), state=base.expand(E, S).clone(),
-                    action_mask=torch.ones(E, N, A, dtype=torch.bool), active=torch.ones(E, N, dtype=torch.bool))
+                    action_mask=torch.ones(E, N, A, dtype=torch.bool), active=torch.ones(E, N, dtype=torch.bool),
+                    first=torch.zeros(E, dtype=torch.bool))
 
 
 def make_step(v: float, final: float | None = None, term: list[bool] | None = None,
@@ -36,7 +37,7 @@ def make_step(v: float, final: float | None = None, term: list[bool] | None = No
     if final is not None:
         f, ended = obs_at(final), terminated | truncated
         fin = BatchObs(*(torch.where(ended.view(-1, *[1] * (getattr(nxt, k).dim() - 1)), getattr(f, k), getattr(nxt, k))
-                         for k in ("obs", "state", "action_mask", "active")))
+                         for k in ("obs", "state", "action_mask", "active", "first")))
     return BatchStep(next=nxt, final=fin, reward=torch.full((E, N), v), cost=None, terminated=terminated,
                      truncated=truncated)
 

@@ -40,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
             if v is not None:
                 values[key] = v
         values.update(parse_overrides(args.overrides))
-        run, algo_cfg = build_configs(values, args.config)
+        run, algo_cfg = build_configs(values, args.config, args.preset)
         result = train(run, algo_cfg)
     first = "n/a" if result.first_return is None else f"{result.first_return:.3f}"
     last = "n/a" if result.last_return is None else f"{result.last_return:.3f}"
@@ -108,8 +108,10 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     print("Algorithms:")
     for name, cls in algorithms().items():
-        kinds = "/".join(cls.action_kinds)
-        print(f"  {name:<12} [{kinds}]  {cls.paper}")
+        caps = ["/".join(cls.action_kinds)]
+        caps += [c for c, on in (("cost", cls.uses_cost), ("rnn", cls.supports_recurrent),
+                                 ("no shared params", not cls.supports_shared_params)) if on]
+        print(f"  {name:<12} [{', '.join(caps)}]  {cls.paper}")
     print("\nEnvironments (family/task; parameters as ?key=value):")
     fams = families()
     for name, fam in sorted(fams.items()):
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--run-dir", dest="run_dir", help="output directory")
     t.add_argument("--config", help="YAML file of config keys (flat or with run:/algo: sections)")
+    t.add_argument("--preset", help="a shipped preset reproducing a reference's defaults: harl-mpe, "
+                   "harl-mamujoco, epymarl-qmix (docs/deviations.md); --config and key=value override it")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     t.add_argument("--checkpoint", help="with --resume: a specific checkpoint file")
     t.add_argument("overrides", nargs="*", metavar="key=value")

@@ -55,18 +55,50 @@ class TrainConfig:
     are re-seeded and reset at each checkpoint so that a resumed run replays exactly."""
     keep_checkpoints: bool = False
     """Also keep a numbered copy of every periodic checkpoint."""
+    reward: str = "auto"
+    """Which reward each agent trains on: 'team' (every agent gets the sum of the agents' rewards, HARL's
+    convention), 'individual' (each agent its own), or 'auto' (team on cooperative tasks, individual on
+    mixed ones). Mixers and team critics (VDN, QMIX, HADDPG, HATD3, critic=shared) always learn the summed
+    team reward. config.yaml records the resolved value."""
     cost_limit: float | None = None
     """Per-episode cost limit on tasks with a cost (None: the env family's default)."""
     torch_threads: int = 1
     """torch intra-op threads; 1 is fastest on small machines (two threads fight the env for cores)."""
     device: str = "cpu"
-    """torch device for the networks."""
+    """torch device of the networks (and of natively batched envs): cpu, cuda, cuda:1, mps, ..."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
     progress: bool = True
     """Show a progress bar."""
     run_dir: str | None = None
     """Output directory (default: runs/<algo>-<task>-s<seed>-<time>)."""
+
+
+    def validate(self) -> None:
+        if self.reward not in ("auto", "team", "individual"):
+            raise UsageError(f"reward must be 'auto', 'team' or 'individual', got {self.reward!r}")
+        check_device(self.device)
+
+
+def check_device(name: str) -> None:
+    """Refuse a torch device this machine does not have, saying which it has."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"device {name!r} is not a torch device name (e.g. cpu, cuda, cuda:0): {e}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UsageError(f"device={name}: this machine has no CUDA GPU usable by torch "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use device=cpu")
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"device={name}: only {n} CUDA device(s) here (cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError(f"device={name}: MPS is not available on this machine; use device=cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device={name}: unsupported device type {dev.type!r}; use cpu or cuda")
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -207,6 +239,38 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
         else:
             flat[k] = v
+    return flat
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with pamarl (``src/pamarl/presets/<name>.yaml``)."""
+    from importlib.resources import files
+
+    # The folder also holds other data (compare presets, throughput tables): a run preset has ``algos:``.
+    return sorted(p.name[:-5] for p in files("pamarl").joinpath("presets").iterdir()
+                  if p.name.endswith(".yaml") and "algos" in (yaml.safe_load(p.read_text()) or {}))
+
+
+def load_preset(name: str, algo: str) -> dict[str, Any]:
+    """Flat ``run.``/``algo.`` keys of preset ``name`` for ``algo``.
+
+    A preset file has a ``run:`` section (settings of the run) and an ``algos:`` section with one mapping
+    per algorithm it covers (YAML anchors under ``common:`` share settings between them). Only what
+    differs from pamarl's defaults need be written; ``docs/deviations.md`` says why each differs.
+    """
+    from importlib.resources import files
+
+    names = preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UsageError(f"unknown preset {name!r}.{hint} Presets: {', '.join(names)}")
+    doc = yaml.safe_load(files("pamarl").joinpath("presets", f"{name}.yaml").read_text()) or {}
+    algos = doc.get("algos") or {}
+    if algo not in algos:
+        raise UsageError(f"preset {name!r} has no settings for algorithm {algo!r}; it covers {', '.join(algos)}")
+    flat = {f"run.{k}": v for k, v in (doc.get("run") or {}).items()}
+    flat.update({f"algo.{k}": v for k, v in algos[algo].items()})
     return flat
 
 

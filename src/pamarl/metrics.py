@@ -1,5 +1,9 @@
 """Experiment metrics of the design document, as pure functions of logged evaluation data.
 
+Length: about 700 lines of one concern, the experiment's metric definitions, each a short pure
+function with its docstring and hand-checked conventions; a reader looks a metric up by name, and
+splitting them would only scatter the shared conventions stated below.
+
 Source: the "The paper's experiment" section of ``shared/specs/progressive.md`` (which restates
 section 5.3 of the seed ``000_66b3dab9711f3679.txt``). Everything here is numpy only: no torch,
 no I/O, no global state; randomness (bootstrap) comes from an explicitly seeded generator, so every

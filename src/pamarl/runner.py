@@ -33,8 +33,8 @@ import yaml
 from pamarl.algos.base import Algorithm, Progress
 from pamarl.algos.registry import get_algorithm
 from pamarl.checkpoint import load_checkpoint, save_checkpoint
-from pamarl.config import TrainConfig, build, load_yaml, split_keys, to_dict
-from pamarl.envs.base import BatchedEnv, EnvSpec
+from pamarl.config import TrainConfig, build, load_preset, load_yaml, split_keys, to_dict
+from pamarl.envs.base import BatchedEnv, BatchStep, EnvSpec
 from pamarl.envs.registry import make_env, resolve
 from pamarl.errors import CheckpointError, UsageError
 from pamarl.logging import MetricsLogger
@@ -60,10 +60,19 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------- configuration
-def build_configs(values: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, Any]:
-    """Run and algorithm configs from a YAML file and flat overrides (overrides win)."""
-    merged: dict[str, Any] = load_yaml(config_file) if config_file else {}
-    merged.update(values)
+def build_configs(values: dict[str, Any], config_file: str | None = None, preset: str | None = None
+                  ) -> tuple[TrainConfig, Any]:
+    """Run and algorithm configs from a preset, a YAML file and flat overrides (later ones win)."""
+    from_file: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    algo_name = values.get("run.algo", values.get("algo", from_file.get("run.algo", from_file.get("algo"))))
+    algo_name = algo_name if algo_name is not None else TrainConfig.algo
+    merged: dict[str, Any] = load_preset(preset, str(algo_name)) if preset else {}
+    # A key given plainly overrides the same key given with a prefix by the preset (and vice versa).
+    for k, v in {**from_file, **values}.items():
+        bare = k.split(".", 1)[1] if k.startswith(("run.", "algo.")) else k
+        for p in (bare, f"run.{bare}", f"algo.{bare}"):
+            merged.pop(p, None)
+        merged[k] = v
     algo_name = merged.get("run.algo", merged.get("algo", TrainConfig.algo))
     algo_cls = get_algorithm(str(algo_name))
     run_v, algo_v = split_keys(merged, algo_cls.Config)
@@ -107,14 +116,15 @@ def evaluate(algo: Algorithm, env: BatchedEnv, episodes: int, seed: int, determi
     finished: list[Any] = []
     logps: list[torch.Tensor] = []
     steps = 0
-    while len(finished) < episodes and steps < max_steps:
-        out = algo.act(obs, explore=not deterministic)
-        if "logp" in out.extras:
-            logps.append(out.extras["logp"].reshape(-1, env.spec.n_agents).cpu())
-        st = env.step(out.env_action)
-        finished.extend(st.episodes)
-        obs = st.next
-        steps += 1
+    with algo.evaluation():
+        while len(finished) < episodes and steps < max_steps:
+            out = algo.act(obs, explore=not deterministic)
+            if out.logp is not None:
+                logps.append(out.logp.reshape(-1, env.spec.n_agents).cpu())
+            st = env.step(out.env_action)
+            finished.extend(st.episodes)
+            obs = st.next
+            steps += 1
     finished = finished[:episodes]
     if not finished:
         return {}
@@ -148,10 +158,30 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def reward_convention(run: TrainConfig, spec: EnvSpec) -> str:
+    """The run's reward convention with ``auto`` resolved: team on cooperative tasks, else individual."""
+    if run.reward != "auto":
+        return run.reward
+    return "team" if spec.cooperative else "individual"
+
+
+def apply_reward_convention(step: BatchStep, convention: str) -> BatchStep:
+    """What the learners see: under ``team`` every agent's reward becomes the sum over the agents.
+
+    Applied once, here, for every algorithm; episode statistics (``step.episodes``) are untouched, so
+    reported team returns are the same under either convention.
+    """
+    if convention != "team":
+        return step
+    r = step.reward
+    return dataclasses.replace(step, reward=r.sum(-1, keepdim=True).expand_as(r).contiguous())
+
+
 def _write_config(run_dir: Path, run: TrainConfig, algo_cfg: Any, spec: EnvSpec) -> None:
     doc = {
         "run": to_dict(run),
         "algo": to_dict(algo_cfg),
+        "reward_convention": reward_convention(run, spec),
         "env_spec": {
             "agents": list(spec.agent_ids),
             "obs_dims": list(spec.obs_dims),
@@ -220,7 +250,7 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
         spec = env.spec
         algo = make_algorithm(run, algo_cfg, spec)
         limit = cost_limit(run) if spec.has_cost else None
-        if hasattr(algo, "set_cost_limit") and limit is not None:
+        if limit is not None:
             algo.set_cost_limit(limit)
         _write_config(run_dir, run, algo_cfg, spec)
         per_iter = run.num_envs * run.rollout_len
@@ -264,17 +294,18 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
     obs = env.reset(seed=env_seed(run.seed, it0))
     try:
         n_agents = env.spec.n_agents
+        convention = reward_convention(run, env.spec)
         for it in range(it0, total_iters):
             episodes = []
             logps: list[torch.Tensor] = []
             for _ in range(run.rollout_len):
                 out = algo.act(obs, explore=True)
-                if n_agents > 1 and "logp" in out.extras:
+                if n_agents > 1 and out.logp is not None:
                     # NaN for agents that are not acting (dead, padded): left out of the correlation.
-                    lp = out.extras["logp"].reshape(-1, n_agents).float().cpu()
-                    logps.append(torch.where(obs.active.reshape(-1, n_agents).cpu(), lp, torch.nan))
+                    lp = out.logp.reshape(-1, n_agents).float()
+                    logps.append(torch.where(obs.active.reshape(-1, n_agents).to(lp.device), lp, torch.nan))
                 st = env.step(out.env_action)
-                algo.observe(obs, out, st)
+                algo.observe(obs, out, apply_reward_convention(st, convention))
                 episodes.extend(st.episodes)
                 obs = st.next
             env_steps += per_iter
@@ -293,7 +324,7 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
             if logps:
                 from pamarl.metrics import coordination
 
-                row["train/coordination"] = coordination(torch.cat(logps).numpy())
+                row["train/coordination"] = coordination(torch.cat(logps).cpu().numpy())
             row.update(metrics)
             last = it + 1 == total_iters
             if last or (run.eval_every > 0 and (it + 1) % run.eval_every == 0):

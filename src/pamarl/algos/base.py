@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -39,10 +41,20 @@ class LearnerConfig:
 
 @dataclass
 class ActOut:
-    """Actions for the env plus whatever the algorithm wants to store with the transition."""
+    """What :meth:`Algorithm.act` returns: the env's actions and what the learner stores with them."""
 
     env_action: torch.Tensor
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """What the env receives: ``[E, N]`` ids or ``[E, N, act_dim]`` values within the bounds (CPU or the
+    env's device)."""
+    action: torch.Tensor
+    """The action as the learner stores it (discrete ids, or the unsquashed Gaussian sample)."""
+    logp: torch.Tensor | None = None
+    """``[E, N]`` log-probability of ``action`` under the acting policy (stochastic policies)."""
+    value: torch.Tensor | None = None
+    """``[E, N]`` value prediction at acting time, in the critic's training units (normalised when the
+    critic normalises its targets): value clipping is centred on exactly this number."""
+    cost_value: torch.Tensor | None = None
+    """``[E, N]`` cost-critic prediction at acting time, in its training units."""
 
 
 @dataclass(frozen=True)
@@ -69,18 +81,71 @@ class Algorithm(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type]
-    action_kinds: ClassVar[tuple[str, ...]] = ("discrete", "continuous")
     paper: ClassVar[str] = ""
+    # Capabilities, declared here so the runner, the CLI and the tests never probe with hasattr.
+    action_kinds: ClassVar[tuple[str, ...]] = ("discrete", "continuous")
+    """Action kinds the algorithm can run."""
+    uses_cost: ClassVar[bool] = False
+    """Trains on the env's cost signal (cost critics, a Lagrangian) where the task has one; the runner
+    then passes the cost limit with :meth:`set_cost_limit`."""
+    supports_recurrent: ClassVar[bool] = False
+    """Has a recurrent variant (``rnn=true``); its hidden states reset where ``BatchObs.first`` says."""
+    supports_shared_params: ClassVar[bool] = True
+    """Accepts ``share_params=true``."""
 
     def __init__(self, spec: EnvSpec, cfg: Any, run: TrainConfig, device: torch.device):
         self.check_env(spec)
+        if not self.supports_shared_params and getattr(cfg, "share_params", False):
+            raise UsageError(
+                f"{self.name} needs per-agent parameters: set share_params=false ({self.shared_params_why})"
+            )
         self.spec = spec
         self.cfg = cfg
         self.run = run
         self.device = device
-        # Sampling has its own generator so that checkpoints can restore it exactly.
-        self.generator = torch.Generator(device="cpu")
+        # Sampling has its own generator, on the networks' device (a CPU generator cannot drive CUDA
+        # sampling ops), so that checkpoints can restore it exactly.
+        self.generator = torch.Generator(device=device)
         self.generator.manual_seed(run.seed)
+        self.reward_mode = run.reward if run.reward != "auto" else ("team" if spec.cooperative else "individual")
+        """The resolved reward convention (``team`` or ``individual``) the runner applies to this run."""
+        self.evaluating = False
+        """True inside :meth:`evaluation`: acting then uses the evaluation's own recurrent states."""
+        self.cost_limit: float | None = None
+
+    shared_params_why: ClassVar[str] = ""
+    """Why ``share_params=true`` is refused, for the error message."""
+
+    @property
+    def team_rewards(self) -> bool:
+        """Whether every agent's reward is already the team's (``reward=team``, the runner's convention)."""
+        return self.reward_mode == "team"
+
+    def team_reward(self, reward: torch.Tensor) -> torch.Tensor:
+        """The one team reward ``[...]`` from per-agent rewards ``[..., N]``: the sum over agents.
+
+        Under ``reward=team`` every agent already holds that sum (HARL's convention), so agent 0's is
+        taken; under ``reward=individual`` the agents' own rewards are summed. Either way a mixer or a
+        team critic learns the same summed team return that reports show.
+        """
+        return reward[..., 0] if self.team_rewards else reward.sum(-1)
+
+    def set_cost_limit(self, limit: float) -> None:
+        """Per-episode cost limit of the constraint (the runner passes the run's or the env family's)."""
+        self.cost_limit = float(limit)
+
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Act for an evaluation inside this block (the runner's :func:`~pamarl.runner.evaluate` uses it).
+
+        Recurrent learners keep separate hidden states for training and evaluation, so an evaluation in
+        the middle of a training rollout never disturbs the training episodes' states.
+        """
+        self.evaluating = True
+        try:
+            yield
+        finally:
+            self.evaluating = False
 
     @classmethod
     def check_env(cls, spec: EnvSpec) -> None:
@@ -115,7 +180,13 @@ class Algorithm(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     def _rng_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "device": self.device.type}
 
     def _load_rng_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("device", "cpu")
+        if saved != self.device.type:
+            # Generator states are device-specific; a run moved to another device continues from a
+            # deterministic re-seed (documented: bit-exact resume holds on the same device type).
+            self.generator.manual_seed(int(torch.as_tensor(state["generator"]).long().sum()))
+            return
         self.generator.set_state(state["generator"])

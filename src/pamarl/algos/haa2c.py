@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from pamarl.algos.common import masked_mean
 from pamarl.algos.happo import SequentialMixin
-from pamarl.algos.onpolicy import OnPolicyAlgorithm, masked_mean
+from pamarl.algos.onpolicy import OnPolicyAlgorithm
 from pamarl.algos.registry import register
 
 

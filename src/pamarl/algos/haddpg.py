@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from pamarl.algos.offpolicy import ActorCriticAlgorithm, ActorCriticConfig, td_target, team_reward
+from pamarl.algos.actor_critic import ActorCriticAlgorithm, ActorCriticConfig
+from pamarl.algos.offpolicy import td_target
 from pamarl.algos.registry import register
 from pamarl.buffers.replay import TransitionBatch
 
@@ -46,11 +47,10 @@ class HADDPG(ActorCriticAlgorithm):
         return True
 
     def train_step(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
         with torch.no_grad():
             q_next = self.q_values(self.target_critic, self.critic_x(batch.next_state, batch.next_obs),
                                    self.next_actions(batch))
-            r = team_reward(batch.reward, cfg.team_reward)
+            r = self.team_reward(batch.reward)  # one critic: the summed team reward
             y = td_target(r, batch.terminated, self.next_value(q_next), batch.discount)
         metrics = self.critic_update(batch, y.unsqueeze(-1).expand(-1, self.n_critics()))
         if self.actor_due():

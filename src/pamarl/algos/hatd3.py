@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pamarl.algos.actor_critic import ActorCriticConfig
 from pamarl.algos.haddpg import HADDPG
-from pamarl.algos.offpolicy import ActorCriticConfig
 from pamarl.algos.registry import register
 from pamarl.buffers.replay import TransitionBatch
 from pamarl.errors import UsageError
@@ -57,7 +57,7 @@ class HATD3(HADDPG):
     def next_actions(self, batch: TransitionBatch) -> torch.Tensor:
         a = self.target_actions(batch.next_obs, batch.next_action_mask, batch.next_active)
         c = self.cfg
-        noise = torch.randn(a.shape, generator=self.generator).to(a.device) * c.policy_noise
+        noise = torch.randn(a.shape, generator=self.generator, device=a.device) * c.policy_noise
         a = (a + noise.clamp(-c.noise_clip, c.noise_clip)).clamp(-1.0, 1.0)
         return a * self.actor.dim_mask * batch.next_active.unsqueeze(-1).float()
 

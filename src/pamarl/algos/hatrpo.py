@@ -31,11 +31,10 @@ from typing import cast
 import torch
 from torch import nn
 
+from pamarl.algos.common import check_finite, masked_mean
 from pamarl.algos.happo import SequentialMixin
-from pamarl.algos.onpolicy import OnPolicyAlgorithm, OnPolicyConfig, masked_mean
+from pamarl.algos.onpolicy import OnPolicyAlgorithm, OnPolicyBatch, OnPolicyConfig
 from pamarl.algos.registry import register
-from pamarl.config import TrainConfig
-from pamarl.envs.base import EnvSpec
 from pamarl.errors import UsageError
 from pamarl.nets.policy import Actor
 
@@ -172,29 +171,28 @@ class HATRPO(SequentialMixin, OnPolicyAlgorithm):
     Config = HATRPOConfig
     paper = "Kuba et al. 2022, Trust Region Policy Optimisation in Multi-Agent Reinforcement Learning (HATRPO)"
 
-    def __init__(self, spec: EnvSpec, cfg: HATRPOConfig, run: TrainConfig, device: torch.device):
-        if cfg.share_params:  # also checked by validate(); a Config built by hand skips that
-            raise UsageError(SHARED_PARAMS_MSG)
-        super().__init__(spec, cfg, run, device)
+    supports_shared_params = False
+    shared_params_why = SHARED_PARAMS_MSG
 
-    def actor_step(self, batch: dict[str, torch.Tensor], agents: list[int], factor: torch.Tensor) -> dict[str, float]:
+    def actor_step(self, batch: OnPolicyBatch, agents: list[int], factor: torch.Tensor) -> dict[str, float]:
         """One trust-region step for each agent of the phase (the schedule gives one per phase)."""
         with torch.enable_grad():
             per_agent = [self.trust_region_step(batch, i, factor) for i in agents]
         stats = {key: [torch.tensor([s[key] for s in per_agent])] for key in per_agent[0]}
         return self._phase_stats(agents, stats)
 
-    def trust_region_step(self, batch: dict[str, torch.Tensor], i: int, factor: torch.Tensor) -> dict[str, float]:
+    def trust_region_step(self, batch: OnPolicyBatch, i: int, factor: torch.Tensor) -> dict[str, float]:
         """Update agent ``i`` by eq. 8 with a backtracking line search; return its metrics.
 
         Touches only agent ``i``'s parameters (never any optimiser): the gradients are taken with
         ``torch.autograd.grad`` and the step is written into the parameters directly.
         """
-        cfg: HATRPOConfig = self.cfg
+        cfg = cast(HATRPOConfig, self.cfg)
         a = [i]
         params = self.actor.agent_parameters(i)
-        obs, amask = batch["obs"][:, a], batch["action_mask"][:, a]
-        old_logp, adv, m = batch["logp"][:, a], batch["policy_adv"][:, a], batch["mask"][:, a]
+        assert batch.policy_adv is not None
+        obs, amask = batch.obs[:, a], batch.action_mask[:, a]
+        old_logp, adv, m = batch.logp[:, a], batch.policy_adv[:, a], batch.mask[:, a]
         f = factor.unsqueeze(-1)
 
         def surrogate() -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +209,7 @@ class HATRPO(SequentialMixin, OnPolicyAlgorithm):
 
         theta0 = torch.cat([p.detach().reshape(-1) for p in params]).clone()
         obj0, ent0 = surrogate()
-        self._check_finite(obj0, f"the HATRPO surrogate of agent {i}")
+        check_finite(obj0, f"the HATRPO surrogate of agent {i}")
         base = float(obj0.detach())
         out = {"policy": -base, "entropy": float(ent0.detach()), "kl": 0.0, "ls_accepted": 0.0, "ls_frac": 0.0,
                "improve": 0.0, "step_size": 0.0}

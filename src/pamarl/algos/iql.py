@@ -6,15 +6,17 @@ Q-networks as in Tampuu et al. 2017. Each agent ``i`` minimises
 network's greedy allowed action (double Q-learning, van Hasselt et al. 2016) and ``Q^-`` the target
 network. The other agents are part of the environment from each learner's point of view, which is why
 IQL has no convergence guarantee, but it is the baseline every factorisation is measured against.
-Per-agent rewards are used as given (on team-reward tasks they are all equal).
+Each agent learns from the reward the run's convention gives it (``reward=team``: the team's summed
+reward; ``reward=individual``: its own).
 """
 
 from __future__ import annotations
 
 import torch
 
-from pamarl.algos.offpolicy import ValueBasedAlgorithm, ValueConfig, td_target
+from pamarl.algos.offpolicy import td_target
 from pamarl.algos.registry import register
+from pamarl.algos.value_based import ValueBasedAlgorithm, ValueConfig
 
 
 @register

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pamarl.algos.offpolicy import ActorCriticAlgorithm, ActorCriticConfig, td_target
+from pamarl.algos.actor_critic import ActorCriticAlgorithm, ActorCriticConfig
+from pamarl.algos.common import check_finite, clip_and_step
+from pamarl.algos.offpolicy import td_target
 from pamarl.algos.registry import register
 from pamarl.buffers.replay import TransitionBatch
 from pamarl.errors import UsageError
@@ -94,12 +96,10 @@ class MADDPG(ActorCriticAlgorithm):
         loss_i = per_agent + reg
         # Separate actors: summing gives each its own gradient. A shared actor takes the mean.
         loss = loss_i.mean() if cfg.share_params else loss_i.sum()
-        self.check_finite(loss, "the actor loss")
+        check_finite(loss, "the actor loss")
         for o in self.actor_opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
         for i, o in enumerate(self.actor_opts):
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.actor.agent_parameters(i), cfg.max_grad_norm)
-            o.step()
+            clip_and_step(o, self.actor.agent_parameters(i), cfg.max_grad_norm)
         return {"loss/actor": per_agent.detach().mean()}

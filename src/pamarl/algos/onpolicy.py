@@ -9,7 +9,7 @@ schedule) and then fits every agent's critic. Subclasses override only what make
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +17,16 @@ import torch
 from torch import nn
 
 from pamarl.algos.base import ActOut, Algorithm, LearnerConfig, Metrics, Progress
+from pamarl.algos.common import check_finite, clip_and_step, masked_mean
+from pamarl.algos.critics import Critics, value_loss
 from pamarl.algos.schedules import Plan, factor_stats, run_schedule, simultaneous
-from pamarl.buffers.rollout import RolloutBuffer, ValueNorm, flatten_rollout, gae
+from pamarl.buffers.rollout import OnPolicyBatch, RolloutBuffer, gae
 from pamarl.config import TrainConfig
 from pamarl.envs.base import BatchObs, BatchStep, EnvSpec
-from pamarl.errors import TrainingError, UsageError
-from pamarl.nets.mlp import AgentMLP
+from pamarl.errors import UsageError
 from pamarl.nets.policy import Actor
+
+__all__ = ["Critics", "OnPolicyAlgorithm", "OnPolicyBatch", "OnPolicyConfig", "masked_mean", "value_loss"]
 
 
 @dataclass
@@ -54,6 +57,11 @@ class OnPolicyConfig(LearnerConfig):
     """Normalise advantages per agent over the batch."""
     critic_input: str = "state"
     """What V_i sees: 'state' (centralised), 'obs' (local, IPPO) or 'state+obs'."""
+    critic: str = "per_agent"
+    """'per_agent': one value function V_i per agent (pamarl's default; the progressive update needs it);
+    'shared': one centralised V(s) for the team, trained on the team reward (HARL's MAPPO/HAPPO/HATRPO/HAA2C)."""
+    input_norm: bool = False
+    """LayerNorm on the actor's and critics' inputs (HARL's use_feature_normalization)."""
     lr_anneal: bool = False
     """Decay learning rates linearly to 0 over training."""
     log_std_init: float = -0.5
@@ -66,202 +74,174 @@ class OnPolicyConfig(LearnerConfig):
     def validate(self) -> None:
         if self.critic_input not in ("state", "obs", "state+obs"):
             raise UsageError(f"critic_input must be 'state', 'obs' or 'state+obs', got {self.critic_input!r}")
+        if self.critic not in ("per_agent", "shared"):
+            raise UsageError(f"critic must be 'per_agent' or 'shared', got {self.critic!r}")
+        if self.critic == "shared" and self.critic_input != "state":
+            raise UsageError("critic=shared is one V(s) of the global state: it needs critic_input=state")
         if self.minibatches < 1 or self.epochs < 1 or self.critic_epochs < 0:
             raise UsageError("epochs and minibatches must be >= 1 (critic_epochs >= 0)")
         if not 0 < self.clip < 1:
             raise UsageError(f"clip must lie in (0, 1), got {self.clip}")
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-agent mean over the batch: ``[B, k]`` -> ``[k]``, counting only active samples."""
-    return (x * mask).sum(0) / mask.sum(0).clamp_min(1.0)
-
-
-def value_loss(new: torch.Tensor, old: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-               clip: float, huber_delta: float) -> torch.Tensor:
-    """Per-agent critic loss ``[k]``: clipped (MAPPO eq. 3 of its appendix) Huber or squared error."""
-
-    def err(e: torch.Tensor) -> torch.Tensor:
-        if huber_delta > 0:
-            return nn.functional.huber_loss(e, torch.zeros_like(e), reduction="none", delta=huber_delta)
-        return 0.5 * e.pow(2)
-
-    loss = err(target - new)
-    if clip > 0:
-        clipped = old + (new - old).clamp(-clip, clip)
-        loss = torch.max(loss, err(target - clipped))
-    return masked_mean(loss, mask)
-
-
-class Critics(nn.Module):
-    """Per-agent value functions ``V_i`` over the chosen input, with optional target normalisation."""
-
-    def __init__(self, spec: EnvSpec, cfg: OnPolicyConfig):
-        super().__init__()
-        self.mode = cfg.critic_input
-        in_dim = {"state": spec.state_dim, "obs": spec.obs_dim, "state+obs": spec.state_dim + spec.obs_dim}[self.mode]
-        self.net = AgentMLP(spec.n_agents, in_dim, 1, cfg.hidden, cfg.activation, cfg.share_params, cfg.agent_id)
-        self.norm = ValueNorm(spec.n_agents) if cfg.value_norm else None
-        self.n_agents = spec.n_agents
-
-    def inputs(self, state: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        if self.mode == "obs":
-            return obs
-        s = state.unsqueeze(-2).expand(*obs.shape[:-1], state.shape[-1])
-        return s if self.mode == "state" else torch.cat([s, obs], -1)
-
-    def raw(self, state: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        """Critic outputs ``[B, N]`` in normalised space."""
-        return self.net(self.inputs(state, obs)).squeeze(-1)
-
-    def value(self, state: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
-        """Value estimates ``[B, N]`` in reward units."""
-        v = self.raw(state, obs)
-        return self.norm.denormalize(v) if self.norm is not None else v
-
-
 class OnPolicyAlgorithm(Algorithm):
     """Base of MAPPO, IPPO, HAPPO, HATRPO, HAA2C and the progressive update."""
 
     Config = OnPolicyConfig
-    uses_cost: bool = False
-    """Train per-agent cost critics on tasks that have a cost (the progressive update does)."""
+    cfg: OnPolicyConfig
+    needs_per_agent_critics: bool = False
+    """The algorithm's own logic reads per-agent critics (the progressive update's importance score)."""
 
     def __init__(self, spec: EnvSpec, cfg: OnPolicyConfig, run: TrainConfig, device: torch.device):
         super().__init__(spec, cfg, run, device)
+        if cfg.critic == "shared" and self.needs_per_agent_critics:
+            raise UsageError(f"{self.name} needs per-agent critics (its importance score compares agents' value "
+                             "losses): use critic=per_agent")
+        if cfg.critic == "shared" and not self.team_rewards and spec.n_agents > 1:
+            raise UsageError("critic=shared learns one team value V(s): it needs reward=team (or reward=auto on a "
+                             "cooperative task)")
         self.n = spec.n_agents
         self.actor = Actor(spec, cfg.hidden, cfg.activation, cfg.share_params, cfg.agent_id,
-                           cfg.log_std_init, cfg.state_dependent_std, cfg.squash).to(device)
+                           cfg.log_std_init, cfg.state_dependent_std, cfg.squash, input_norm=cfg.input_norm).to(device)
         self.critic = Critics(spec, cfg).to(device)
         self.cost_critic = Critics(spec, cfg).to(device) if (self.uses_cost and spec.has_cost) else None
         groups = 1 if cfg.share_params else self.n
-        # One optimiser per agent: a sequential phase steps only its agent's optimiser.
+        # One optimiser per agent: a sequential phase steps only its agent's optimiser. Value and cost
+        # critics have optimisers (and gradient clipping) of their own, so a large cost loss never
+        # shrinks the value critic's step through a shared clip.
         self.actor_opts = [torch.optim.Adam(self.actor.agent_parameters(i), lr=cfg.lr, eps=cfg.adam_eps)
                            for i in range(groups)]
-        self.critic_opts = [torch.optim.Adam(self._critic_params(i), lr=cfg.critic_lr, eps=cfg.adam_eps)
-                            for i in range(groups)]
+        self.critic_opts = self._critic_optimisers(self.critic)
+        self.cost_critic_opts = self._critic_optimisers(self.cost_critic) if self.cost_critic is not None else []
         self.buffer = RolloutBuffer(spec, run.num_envs, run.rollout_len, self.cost_critic is not None, device)
         self.last_policy_loss = torch.zeros(self.n)
 
     # ------------------------------------------------------------------ helpers
-    def _critic_params(self, i: int) -> list[nn.Parameter]:
-        p = self.critic.net.agent_parameters(i)
-        if self.cost_critic is not None:
-            p += self.cost_critic.net.agent_parameters(i)
-        return p
+    def _critic_optimisers(self, critic: Critics) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(critic.net.agent_parameters(i), lr=self.cfg.critic_lr, eps=self.cfg.adam_eps)
+                for i in range(critic.groups(self.cfg.share_params))]
 
-    def _opt(self, opts: Sequence[torch.optim.Optimizer], i: int) -> torch.optim.Optimizer:
-        return opts[0 if self.cfg.share_params else i]
-
-    def _reduce(self, per_agent: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, per_agent: torch.Tensor, shared: bool | None = None) -> torch.Tensor:
         """Sum of per-agent losses (separate networks: each gets its own gradient) or their mean (shared)."""
-        return per_agent.mean() if self.cfg.share_params else per_agent.sum()
+        shared = self.cfg.share_params if shared is None else shared
+        return per_agent.mean() if shared else per_agent.sum()
 
-    def _clip_and_step(self, opts: Sequence[torch.optim.Optimizer], params_of: Any, agents: list[int]) -> float:
-        groups = [0] if self.cfg.share_params else agents
-        norms = []
-        for g in groups:
-            params = params_of(g)
-            if self.cfg.max_grad_norm > 0:
-                norms.append(float(nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)))
-            opts[g].step()
-        return sum(norms) / max(1, len(norms))
+    def _groups(self, agents: list[int], n_groups: int) -> list[int]:
+        return [0] if n_groups == 1 else agents
+
+    def _clip_and_step(self, opts: Sequence[torch.optim.Optimizer], params_of: Callable[[int], list[nn.Parameter]],
+                       agents: list[int]) -> float:
+        norms = [clip_and_step(opts[g], params_of(g), self.cfg.max_grad_norm)
+                 for g in self._groups(agents, len(opts))]
+        return float(torch.stack(norms).mean()) if norms else 0.0
 
     def _zero(self, opts: Sequence[torch.optim.Optimizer], agents: list[int]) -> None:
-        for g in [0] if self.cfg.share_params else agents:
+        for g in self._groups(agents, len(opts)):
             opts[g].zero_grad(set_to_none=True)
-
-    @staticmethod
-    def _check_finite(loss: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(loss).all():
-            raise TrainingError(
-                f"{what} became NaN/inf. Checkpoints already written are intact; lower the learning "
-                "rates (lr=..., critic_lr=...) or max_grad_norm and resume or restart."
-            )
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
     def act(self, obs: BatchObs, explore: bool = True) -> ActOut:
         o = obs.obs.to(self.device)
         a, logp = self.actor.act(o, obs.action_mask.to(self.device), self.generator, deterministic=not explore)
-        extras = {"action": a, "logp": logp}
-        if explore:
+        out = ActOut(env_action=self.actor.to_env(a), action=a, logp=logp)
+        if explore and not self.evaluating:
             s = obs.state.to(self.device)
-            extras["value"] = self.critic.value(s, o)
+            out.value = self.critic.raw(s, o)
             if self.cost_critic is not None:
-                extras["cost_value"] = self.cost_critic.value(s, o)
-        return ActOut(env_action=self.actor.to_env(a).cpu(), extras=extras)
+                out.cost_value = self.cost_critic.raw(s, o)
+        return out
 
     def observe(self, obs: BatchObs, out: ActOut, step: BatchStep) -> None:
-        x = out.extras
-        self.buffer.add(obs, x["action"], x["logp"], x["value"], x.get("cost_value"), step)
+        if out.logp is None or out.value is None:
+            raise ValueError("on-policy observe() needs the log-probabilities and values of act(explore=True)")
+        self.buffer.add(obs, out.action, out.logp, out.value, out.cost_value, step)
 
     # ------------------------------------------------------------------ batch preparation
     @torch.no_grad()
-    def prepare(self) -> dict[str, torch.Tensor]:
-        """GAE per agent for reward (and cost), flattened to ``[B = T * E, ...]``."""
+    def prepare(self) -> OnPolicyBatch:
+        """GAE per agent for reward (and cost), flattened to ``[B = T * E, ...]``.
+
+        The rollout stores the critics' outputs in training units; they are turned into reward units
+        with the normaliser's statistics, which have not moved since collection (they change only when
+        the critics are fitted, after this).
+        """
         d = self.buffer.data()
         T, E = d.reward.shape[:2]
-        ns, no = d.next_state.reshape(T * E, -1), d.next_obs.reshape(T * E, self.n, -1)
-        next_v = self.critic.value(ns, no).reshape(T, E, self.n)
-        adv, ret = gae(d.reward, d.value, next_v, d.terminated, d.done, self.cfg.gamma, self.cfg.gae_lambda)
-        batch = flatten_rollout(d)
-        batch["adv"] = adv.reshape(T * E, self.n)
-        batch["ret"] = ret.reshape(T * E, self.n)
+        B = T * E
+        ns, no = d.next_state.reshape(B, -1), d.next_obs.reshape(B, self.n, -1)
+
+        def advantages(critic: Critics, old: torch.Tensor, reward: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            v = critic.denormalize(old)
+            next_v = critic.value(ns, no).reshape(T, E, self.n)
+            adv, ret = gae(reward, v, next_v, d.terminated, d.done, self.cfg.gamma, self.cfg.gae_lambda)
+            return adv.reshape(B, self.n), ret.reshape(B, self.n)
+
+        adv, ret = advantages(self.critic, d.value, d.reward)
+        flat = lambda x: x.reshape(B, *x.shape[2:])  # noqa: E731
+        batch = OnPolicyBatch(
+            obs=flat(d.obs), state=flat(d.state), action_mask=flat(d.action_mask), active=flat(d.active),
+            action=flat(d.action), logp=flat(d.logp), mask=flat(d.active).float(), value_old=flat(d.value),
+            ret=ret, adv=adv,
+        )
         if self.cost_critic is not None and d.cost is not None and d.cost_value is not None:
-            next_c = self.cost_critic.value(ns, no).reshape(T, E, self.n)
-            cadv, cret = gae(d.cost, d.cost_value, next_c, d.terminated, d.done, self.cfg.gamma, self.cfg.gae_lambda)
-            batch["cost_adv"] = cadv.reshape(T * E, self.n)
-            batch["cost_ret"] = cret.reshape(T * E, self.n)
-        batch["mask"] = batch["active"].float()
+            batch.cost_adv, batch.cost_ret = advantages(self.cost_critic, d.cost_value, d.cost)
+            batch.cost_value_old = flat(d.cost_value)
         return batch
 
-    def policy_advantage(self, batch: dict[str, torch.Tensor], progress: Progress) -> torch.Tensor:
-        """The advantage the actors maximise (the progressive update mixes in the cost here)."""
-        return batch["adv"]
+    def policy_advantage(self, batch: OnPolicyBatch, progress: Progress) -> torch.Tensor:
+        """The advantage the actors maximise, from the separately standardised advantages.
 
-    def plan(self, batch: dict[str, torch.Tensor], progress: Progress) -> Plan:
+        Plain reward advantage here; the progressive update mixes in the cost (spec step 8).
+        """
+        return self.standardise(batch.adv, batch.mask)
+
+    def plan(self, batch: OnPolicyBatch, progress: Progress) -> Plan:
         """The phases of this update; simultaneous by default."""
         return simultaneous(self.n)
 
     # ------------------------------------------------------------------ step rule
-    def _logp(self, batch: dict[str, torch.Tensor], agents: list[int], idx: torch.Tensor | slice = slice(None)
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.actor.evaluate(batch["obs"][idx][:, agents], batch["action_mask"][idx][:, agents],
-                                   batch["action"][idx][:, agents], agents)
+    def _logp(self, batch: OnPolicyBatch, agents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.actor.evaluate(batch.obs[:, agents], batch.action_mask[:, agents], batch.action[:, agents], agents)
 
-    def log_ratio(self, batch: dict[str, torch.Tensor], agents: list[int]) -> torch.Tensor:
+    def log_ratio(self, batch: OnPolicyBatch, agents: list[int]) -> torch.Tensor:
         """``[B]``: sum over ``agents`` of log pi_new - log pi_old (inactive samples contribute 0)."""
         logp, _ = self._logp(batch, agents)
-        return ((logp - batch["logp"][:, agents]) * batch["mask"][:, agents]).sum(-1)
+        return ((logp - batch.logp[:, agents]) * batch.mask[:, agents]).sum(-1)
 
     def surrogate(self, logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, factor: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """HAPPO's clipped surrogate per sample and agent: ``F * min(r A, clip(r, 1 +- eps) A)``.
 
-        With ``F = 1`` this is PPO's (MAPPO) objective. Returns (objective, ratio).
+        Kuba et al. 2022, eq. 11; with ``F = 1`` this is PPO's (MAPPO) objective. Returns (objective, ratio).
         """
         ratio = torch.exp(logp - old)
         eps = self.cfg.clip
         obj = torch.min(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
         return factor.unsqueeze(-1) * obj, ratio
 
-    def actor_step(self, batch: dict[str, torch.Tensor], agents: list[int], factor: torch.Tensor) -> dict[str, float]:
+    def _minibatches(self) -> list[torch.Tensor]:
+        B = self.buffer.length * self.run.num_envs
+        perm = torch.randperm(B, generator=self.generator, device=self.device)
+        return list(perm.chunk(self.cfg.minibatches))
+
+    def actor_step(self, batch: OnPolicyBatch, agents: list[int], factor: torch.Tensor) -> dict[str, float]:
         """PPO-style update of ``agents`` for ``epochs`` passes (the default step rule)."""
         cfg = self.cfg
-        B = batch["obs"].shape[0]
+        assert batch.policy_adv is not None
         stats: dict[str, list[torch.Tensor]] = {"policy": [], "entropy": [], "kl": [], "clipfrac": []}
         for _ in range(cfg.epochs):
-            perm = torch.randperm(B, generator=self.generator).to(self.device)
-            for idx in perm.chunk(cfg.minibatches):
-                logp, ent = self._logp(batch, agents, idx)
-                old = batch["logp"][idx][:, agents]
-                m = batch["mask"][idx][:, agents]
-                obj, ratio = self.surrogate(logp, old, batch["policy_adv"][idx][:, agents], factor[idx])
+            for idx in self._minibatches():
+                mb = batch.take(idx)
+                assert mb.policy_adv is not None
+                logp, ent = self._logp(mb, agents)
+                old = mb.logp[:, agents]
+                m = mb.mask[:, agents]
+                obj, ratio = self.surrogate(logp, old, mb.policy_adv[:, agents], factor[idx])
                 pol = -masked_mean(obj, m)
                 entropy = masked_mean(ent, m)
                 loss = self._reduce(pol - cfg.entropy_coef * entropy)
-                self._check_finite(loss, f"the policy loss of agents {agents}")
+                check_finite(loss, f"the policy loss of agents {agents}")
                 self._zero(self.actor_opts, agents)
                 loss.backward()
                 self._clip_and_step(self.actor_opts, self.actor.agent_parameters, agents)
@@ -278,63 +258,60 @@ class OnPolicyAlgorithm(Algorithm):
         for key, vals in stats.items():
             if not vals:
                 continue
-            v = torch.stack(vals).mean(0)  # [k]
+            v = torch.stack(vals).mean(0).cpu()  # [k]
             for j, i in enumerate(agents):
                 out[f"{key}_{i}"] = float(v[j])
         # The importance score needs each agent's most recent policy loss (spec step 3).
         if stats.get("policy"):
-            last = stats["policy"][-1]
+            last = stats["policy"][-1].cpu()
             for j, i in enumerate(agents):
                 self.last_policy_loss[i] = float(last[j])
         return out
 
     # ------------------------------------------------------------------ critics
-    def critic_losses(self, batch: dict[str, torch.Tensor], idx: torch.Tensor | slice = slice(None)
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-agent value (and cost) losses ``[N]`` on ``idx``, with the current parameters."""
-        cfg = self.cfg
-        s, o, m = batch["state"][idx], batch["obs"][idx], batch["mask"][idx]
+    def critic_loss(self, critic: Critics, mb: OnPolicyBatch, target: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """Per-agent (``[N]``) or, for a shared critic, one (``[1]``) value loss on the minibatch ``mb``.
 
-        def one(critic: Critics, target: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-            if critic.norm is not None:
-                target, old = critic.norm.normalize(target), critic.norm.normalize(old)
-            return value_loss(critic.raw(s, o), old, target, m, cfg.value_clip, cfg.huber_delta)
+        Targets are normalised with the current statistics; the clip is centred on ``old``, the
+        prediction stored at collection time in the same training units.
+        """
+        new = critic.raw(mb.state, mb.obs)
+        tgt, m = critic.normalize(target), mb.mask
+        if critic.shared:  # one value per sample: its column 0, weighted where any agent is active
+            new, old, tgt, m = new[:, :1], old[:, :1], tgt[:, :1], m.amax(-1, keepdim=True)
+        return value_loss(new, old, tgt, m, self.cfg.value_clip, self.cfg.huber_delta)
 
-        v = one(self.critic, batch["ret"][idx], batch["value"][idx])
-        c = None
-        if self.cost_critic is not None and "cost_ret" in batch:
-            c = one(self.cost_critic, batch["cost_ret"][idx], batch["cost_value"][idx])
-        return v, c
-
-    def update_critics(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        cfg = self.cfg
-        if self.critic.norm is not None:
-            self.critic.norm.update(batch["ret"], batch["mask"])
-        if self.cost_critic is not None and self.cost_critic.norm is not None and "cost_ret" in batch:
-            self.cost_critic.norm.update(batch["cost_ret"], batch["mask"])
-        B = batch["obs"].shape[0]
+    def _fit(self, critic: Critics, opts: list[torch.optim.Optimizer], batch: OnPolicyBatch, target: torch.Tensor,
+             old: torch.Tensor, what: str) -> torch.Tensor:
+        """``critic_epochs`` passes of minibatch steps on one critic; returns its mean loss per agent."""
+        if critic.norm is not None:
+            m = batch.mask.amax(-1, keepdim=True) if critic.shared else batch.mask
+            critic.norm.update(target[:, :1] if critic.shared else target, m)
         agents = list(range(self.n))
-        vals, costs = [], []
-        for _ in range(cfg.critic_epochs):
-            perm = torch.randperm(B, generator=self.generator).to(self.device)
-            for idx in perm.chunk(cfg.minibatches):
-                v, c = self.critic_losses(batch, idx)
-                total = v if c is None else v + c
-                loss = self._reduce(total)
-                self._check_finite(loss, "the critic loss")
-                self._zero(self.critic_opts, agents)
+        losses = []
+        shared = len(opts) == 1
+        for _ in range(self.cfg.critic_epochs):
+            for idx in self._minibatches():
+                mb = batch.take(idx)
+                per = self.critic_loss(critic, mb, target[idx], old[idx])
+                loss = self._reduce(per, shared)
+                check_finite(loss, what)
+                self._zero(opts, agents)
                 loss.backward()
-                self._clip_and_step(self.critic_opts, self._critic_params, agents)
-                vals.append(v.detach())
-                if c is not None:
-                    costs.append(c.detach())
+                self._clip_and_step(opts, critic.net.agent_parameters, agents)
+                losses.append(per.detach().expand(self.n) if critic.shared else per.detach())
+        return torch.stack(losses).mean(0).cpu() if losses else torch.zeros(self.n)
+
+    def update_critics(self, batch: OnPolicyBatch) -> dict[str, float]:
         out: dict[str, float] = {}
-        if vals:
-            vm = torch.stack(vals).mean(0)
-            out.update({f"value_{i}": float(vm[i]) for i in range(self.n)})
-        if costs:
-            cm = torch.stack(costs).mean(0)
-            out.update({f"cost_{i}": float(cm[i]) for i in range(self.n)})
+        if self.cfg.critic_epochs == 0:
+            return out
+        v = self._fit(self.critic, self.critic_opts, batch, batch.ret, batch.value_old, "the critic loss")
+        out.update({f"value_{i}": float(v[i]) for i in range(self.n)})
+        if self.cost_critic is not None and batch.cost_ret is not None and batch.cost_value_old is not None:
+            c = self._fit(self.cost_critic, self.cost_critic_opts, batch, batch.cost_ret, batch.cost_value_old,
+                          "the cost critic loss")
+            out.update({f"cost_{i}": float(c[i]) for i in range(self.n)})
         return out
 
     # ------------------------------------------------------------------ update
@@ -342,14 +319,14 @@ class OnPolicyAlgorithm(Algorithm):
         if not self.cfg.lr_anneal:
             return
         frac = 1.0 - progress.fraction
-        for opt in self.actor_opts:
-            for g in opt.param_groups:
-                g["lr"] = self.cfg.lr * frac
-        for opt in self.critic_opts:
-            for g in opt.param_groups:
-                g["lr"] = self.cfg.critic_lr * frac
+        for opts, lr in ((self.actor_opts, self.cfg.lr), (self.critic_opts, self.cfg.critic_lr),
+                         (self.cost_critic_opts, self.cfg.critic_lr)):
+            for opt in opts:
+                for g in opt.param_groups:
+                    g["lr"] = lr * frac
 
-    def _normalise(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def standardise(self, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-agent advantage standardisation over the batch's active samples (``adv_norm``)."""
         if not self.cfg.adv_norm:
             return adv
         mean = masked_mean(adv, mask)
@@ -359,11 +336,11 @@ class OnPolicyAlgorithm(Algorithm):
     def update(self, progress: Progress) -> Metrics:
         self._anneal(progress)
         batch = self.prepare()
-        batch["policy_adv"] = self._normalise(self.policy_advantage(batch, progress), batch["mask"])
+        batch.policy_adv = self.policy_advantage(batch, progress)
         plan = self.plan(batch, progress)
         result = run_schedule(
             plan,
-            batch["obs"].shape[0],
+            batch.size,
             step=lambda agents, f: self.actor_step(batch, agents, f),
             log_ratio=lambda agents: self.log_ratio(batch, agents),
             device=self.device,
@@ -399,6 +376,7 @@ class OnPolicyAlgorithm(Algorithm):
             "cost_critic": None if self.cost_critic is None else self.cost_critic.state_dict(),
             "actor_opts": [o.state_dict() for o in self.actor_opts],
             "critic_opts": [o.state_dict() for o in self.critic_opts],
+            "cost_critic_opts": [o.state_dict() for o in self.cost_critic_opts],
             "last_policy_loss": self.last_policy_loss.clone(),
             "rng": self._rng_state(),
             **self.extra_state(),
@@ -409,10 +387,13 @@ class OnPolicyAlgorithm(Algorithm):
         self.critic.load_state_dict(state["critic"])
         if self.cost_critic is not None and state.get("cost_critic") is not None:
             self.cost_critic.load_state_dict(state["cost_critic"])
-        for o, s in zip(self.actor_opts, state["actor_opts"]):
-            o.load_state_dict(s)
-        for o, s in zip(self.critic_opts, state["critic_opts"]):
-            o.load_state_dict(s)
+        for opts, key in ((self.actor_opts, "actor_opts"), (self.critic_opts, "critic_opts"),
+                          (self.cost_critic_opts, "cost_critic_opts")):
+            saved = state.get(key, [])
+            if len(saved) != len(opts):
+                raise ValueError(f"{key}: the checkpoint has {len(saved)} optimisers, this run {len(opts)}")
+            for o, sd in zip(opts, saved):
+                o.load_state_dict(sd)
         self.last_policy_loss = state["last_policy_loss"].clone()
         self._load_rng_state(state["rng"])
         self.load_extra_state(state)

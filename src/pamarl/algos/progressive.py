@@ -35,7 +35,9 @@ from typing import Any
 import torch
 
 from pamarl.algos.base import ActOut, Metrics, Progress
-from pamarl.algos.onpolicy import OnPolicyAlgorithm, OnPolicyConfig, masked_mean
+from pamarl.algos.common import masked_mean
+from pamarl.algos.happo import SEQUENTIAL_SHARED_WHY
+from pamarl.algos.onpolicy import OnPolicyAlgorithm, OnPolicyBatch, OnPolicyConfig
 from pamarl.algos.registry import register
 from pamarl.algos.schedules import Plan, alpha_schedule, progressive
 from pamarl.config import TrainConfig
@@ -80,6 +82,9 @@ class Progressive(OnPolicyAlgorithm):
     Config = ProgressiveConfig
     paper = "pamarl's progressive asynchronous update (specs/progressive.md; HAPPO factor from Kuba et al. 2022)"
     uses_cost = True
+    needs_per_agent_critics = True
+    supports_shared_params = False
+    shared_params_why = "the critical agents' sequential phase is HAPPO's: " + SEQUENTIAL_SHARED_WHY
 
     def __init__(self, spec: EnvSpec, cfg: ProgressiveConfig, run: TrainConfig, device: torch.device):
         super().__init__(spec, cfg, run, device)
@@ -88,12 +93,8 @@ class Progressive(OnPolicyAlgorithm):
         self.tie_generator = torch.Generator(device="cpu")
         self.tie_generator.manual_seed(run.seed + 1_000_003)
         self.lagrange = float(cfg.lambda_init)
-        self.cost_limit = 25.0
+        self.cost_limit: float | None = None
         self._episode_costs: list[float] = []
-
-    def set_cost_limit(self, limit: float) -> None:
-        """Per-episode cost limit of the constraint (the runner passes the run's or the env's)."""
-        self.cost_limit = float(limit)
 
     # ------------------------------------------------------------------ collection
     def observe(self, obs: BatchObs, out: ActOut, step: BatchStep) -> None:
@@ -103,14 +104,14 @@ class Progressive(OnPolicyAlgorithm):
 
     # ------------------------------------------------------------------ spec steps 3, 4, 8
     @torch.no_grad()
-    def importance(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def importance(self, batch: OnPolicyBatch) -> torch.Tensor:
         """I_i = w_v Lv_i / mean(Lv) + w_p Lp_i / mean(Lp) + w_c Lc_i / mean(Lc) (spec step 3)."""
-        cfg, m = self.cfg, batch["mask"]
-        s, o = batch["state"], batch["obs"]
-        lv = masked_mean((self.critic.value(s, o) - batch["ret"]).pow(2), m)
+        cfg, m = self.cfg, batch.mask
+        s, o = batch.state, batch.obs
+        lv = masked_mean((self.critic.value(s, o) - batch.ret).pow(2), m)
         lp = self.last_policy_loss.abs().to(lv.device)
-        if self.cost_critic is not None and "cost_ret" in batch:
-            lc = masked_mean((self.cost_critic.value(s, o) - batch["cost_ret"]).pow(2), m)
+        if self.cost_critic is not None and batch.cost_ret is not None:
+            lc = masked_mean((self.cost_critic.value(s, o) - batch.cost_ret).pow(2), m)
         else:
             lc = torch.zeros_like(lv)
 
@@ -119,22 +120,29 @@ class Progressive(OnPolicyAlgorithm):
 
         return cfg.w_value * scaled(lv) + cfg.w_policy * scaled(lp) + cfg.w_cost * scaled(lc)
 
-    def plan(self, batch: dict[str, torch.Tensor], progress: Progress) -> Plan:
+    def plan(self, batch: OnPolicyBatch, progress: Progress) -> Plan:
         imp = self.importance(batch)
         alpha = alpha_schedule(progress.fraction, self.cfg.alpha_init, self.cfg.alpha_final)
         return progressive(imp.tolist(), alpha, self.generator, self.tie_generator)
 
-    def policy_advantage(self, batch: dict[str, torch.Tensor], progress: Progress) -> torch.Tensor:
-        """(A_i - lambda A^c_i) / (1 + lambda) on tasks with a cost (spec step 8), else A_i."""
-        if "cost_adv" not in batch:
-            return batch["adv"]
+    def policy_advantage(self, batch: OnPolicyBatch, progress: Progress) -> torch.Tensor:
+        """(A_i - lambda A^c_i) / (1 + lambda) on tasks with a cost (spec step 8), else A_i.
+
+        Both advantages are standardised *separately* before they are mixed (as OmniSafe's PPO-Lag
+        does), so lambda weighs a unit of cost advantage against a unit of reward advantage whatever the
+        two signals' scales, and the mix is not re-standardised afterwards (which would undo lambda's
+        weighting).
+        """
+        adv = self.standardise(batch.adv, batch.mask)
+        if batch.cost_adv is None:
+            return adv
         lam = self.lagrange
-        return (batch["adv"] - lam * batch["cost_adv"]) / (1.0 + lam)
+        return (adv - lam * self.standardise(batch.cost_adv, batch.mask)) / (1.0 + lam)
 
     def update(self, progress: Progress) -> Metrics:
         metrics = super().update(progress)
         if self.cost_critic is not None:
-            if self._episode_costs:
+            if self._episode_costs and self.cost_limit is not None:
                 mean_cost = sum(self._episode_costs) / len(self._episode_costs)
                 self.lagrange = max(0.0, self.lagrange + self.cfg.lambda_lr * (mean_cost - self.cost_limit))
             self._episode_costs = []

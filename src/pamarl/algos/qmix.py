@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pamarl.algos.offpolicy import ValueBasedAlgorithm, ValueConfig
 from pamarl.algos.registry import register
+from pamarl.algos.value_based import ValueBasedAlgorithm, ValueConfig
 from pamarl.errors import UsageError
 from pamarl.nets.mixers import QMixer
 

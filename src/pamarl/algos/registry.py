@@ -1,12 +1,24 @@
-"""Algorithm registry: ``@register`` on the class; names resolve lazily to their modules."""
+"""Algorithm registry: ``@register`` on the class; names resolve lazily to their modules.
+
+Packages outside pamarl add algorithms through the ``pamarl.algorithms`` entry-point group, e.g. in
+their ``pyproject.toml``::
+
+    [project.entry-points."pamarl.algorithms"]
+    my_algo = "my_package.my_algo:MyAlgo"
+
+The entry point may name an :class:`~pamarl.algos.base.Algorithm` subclass (registered under its
+``name``) or a module that calls ``@register`` itself. Entry points are loaded on first use.
+"""
 
 from __future__ import annotations
 
 import difflib
 import importlib
+from typing import Any
 
 from pamarl.algos.base import Algorithm
 from pamarl.errors import UsageError
+from pamarl.plugins import load_plugins
 
 _ALGOS: dict[str, type[Algorithm]] = {}
 # Built-in algorithms and the module defining each; imported on first use.
@@ -27,13 +39,22 @@ BUILTIN = {
 }
 
 
+ENTRY_POINT_GROUP = "pamarl.algorithms"
+
+
 def register(cls: type[Algorithm]) -> type[Algorithm]:
     _ALGOS[cls.name] = cls
     return cls
 
 
+def _register_plugin(obj: Any) -> None:
+    if isinstance(obj, type) and issubclass(obj, Algorithm):
+        register(obj)
+    # a module: importing it ran its @register decorators
+
+
 def algorithms() -> dict[str, type[Algorithm]]:
-    """Every algorithm whose module is present."""
+    """Every algorithm whose module is present, built in or from a plug-in package."""
     for name, mod in BUILTIN.items():
         if name not in _ALGOS:
             try:
@@ -41,6 +62,7 @@ def algorithms() -> dict[str, type[Algorithm]]:
             except ModuleNotFoundError as e:
                 if e.name != mod:  # a real import error inside an existing module must surface
                     raise
+    load_plugins(ENTRY_POINT_GROUP, _register_plugin)
     return dict(sorted(_ALGOS.items()))
 
 

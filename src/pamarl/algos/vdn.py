@@ -4,15 +4,15 @@ Sunehag et al. 2018, "Value-Decomposition Networks for Cooperative Multi-Agent L
 sum is trained end to end on the team TD error
 ``(sum_i Q_i(o_i, a_i) - (r + gamma * (1 - d) * sum_i Q_i^-(o_i', a_i'*)))^2``; since the sum is
 monotonic in every ``Q_i``, the greedy joint action is each agent's greedy action, so execution stays
-decentralised. The team reward is the mean (or, ``team_reward=sum``, the sum) of the agents' rewards.
+decentralised. The team reward is the sum of the agents' rewards (the run's reward convention, ``reward=``).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from pamarl.algos.offpolicy import ValueBasedAlgorithm, ValueConfig
 from pamarl.algos.registry import register
+from pamarl.algos.value_based import ValueBasedAlgorithm, ValueConfig
 from pamarl.nets.mixers import VDNMixer
 
 

@@ -136,14 +136,14 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int, generator: torch.Generator, n_step: int = 1, gamma: float = 0.99
                ) -> TransitionBatch:
-        """``batch_size`` rows drawn uniformly with replacement (indices from ``generator``, on the CPU).
+        """``batch_size`` rows drawn uniformly with replacement (indices from ``generator``, on its device).
 
         With ``n_step > 1`` the rewards are n-step discounted sums and the successor fields (``next_*``,
         ``terminated``) those of the last row summed; ``discount`` is ``gamma^m`` for the ``m`` rewards summed.
         """
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
-        idx = torch.randint(0, self.size, (batch_size,), generator=generator).to(self.device)
+        idx = torch.randint(0, self.size, (batch_size,), generator=generator, device=generator.device).to(self.device)
         d = self.data
         discount = torch.full((batch_size,), float(gamma), device=self.device)
         last = idx
@@ -262,7 +262,7 @@ class EpisodeReplay:
         """``batch_size`` episodes uniformly with replacement, trimmed to the longest one drawn."""
         if self.size == 0:
             raise ValueError("cannot sample from an empty episode replay")
-        idx = torch.randint(0, self.size, (batch_size,), generator=generator).to(self.device)
+        idx = torch.randint(0, self.size, (batch_size,), generator=generator, device=generator.device).to(self.device)
         filled = self.data["filled"][idx]
         T = int(filled.sum(1).max().item())
         out = {}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -189,11 +190,38 @@ class RolloutBuffer:
         self.t = 0
 
 
-def flatten_rollout(r: Rollout) -> dict[str, torch.Tensor]:
-    """``[T, E, ...]`` -> ``[T * E, ...]`` for every field that is present."""
-    out = {}
-    for f in fields(r):
-        v = getattr(r, f.name)
-        if v is not None:
-            out[f.name] = v.reshape(-1, *v.shape[2:])
-    return out
+@dataclass
+class OnPolicyBatch:
+    """One iteration's samples flattened to ``B = T * E``; per-agent fields are ``[B, N, ...]``."""
+
+    obs: torch.Tensor
+    state: torch.Tensor
+    action_mask: torch.Tensor
+    active: torch.Tensor
+    action: torch.Tensor
+    logp: torch.Tensor
+    """Log-probabilities under the acting policy."""
+    mask: torch.Tensor
+    """``active`` as 0/1 floats (the weights of every per-agent mean)."""
+    value_old: torch.Tensor
+    """Critic predictions at collection time, in its training units (the centre of value clipping)."""
+    ret: torch.Tensor
+    """GAE returns ``A + V`` in reward units (the critics' targets)."""
+    adv: torch.Tensor
+    """Reward advantages (raw)."""
+    cost_value_old: torch.Tensor | None = None
+    cost_ret: torch.Tensor | None = None
+    cost_adv: torch.Tensor | None = None
+    policy_adv: torch.Tensor | None = None
+    """The advantage the actors maximise, set by :meth:`OnPolicyAlgorithm.update`: the standardised
+    reward advantage, or on safe tasks the Lagrangian mix of the separately standardised advantages."""
+
+    @property
+    def size(self) -> int:
+        return int(self.obs.shape[0])
+
+    def take(self, idx: torch.Tensor | slice) -> OnPolicyBatch:
+        """The samples ``idx`` (a minibatch) of every field."""
+        parts: dict[str, Any] = {f.name: None if (v := getattr(self, f.name)) is None else v[idx]
+                                 for f in fields(self)}
+        return replace(self, **parts)

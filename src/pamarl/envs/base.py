@@ -49,6 +49,9 @@ class EnvSpec:
     episode_limit: int | None = None
     team_reward: bool = False
     """All agents receive the same reward each step."""
+    cooperative: bool = True
+    """The learning agents share one goal. On such tasks the run's ``reward=auto`` means ``team`` (every
+    agent trains on the sum of the agents' rewards); on mixed tasks it means ``individual``."""
 
     def __post_init__(self) -> None:
         n = len(self.agent_ids)
@@ -167,6 +170,9 @@ class BatchObs:
     state: torch.Tensor  # [E, state_dim]
     action_mask: torch.Tensor  # [E, N, act_dim] bool
     active: torch.Tensor  # [E, N] bool
+    first: torch.Tensor  # [E] bool
+    """True where this observation starts an episode (after a reset or an automatic reset): recurrent
+    agents reset their hidden state exactly there."""
 
 
 @dataclass

@@ -32,10 +32,13 @@ def _import_factory(path: str) -> Callable[..., Any]:
 
 
 def make_generic(task: str, seed: int | None = None, agents: str | None = None, state: str = "auto",
-                 **kw: Any) -> PettingZooEnv:
+                 cooperative: bool = True, **kw: Any) -> PettingZooEnv:
+    """``cooperative=false`` declares a mixed task: ``reward=auto`` then keeps per-agent rewards."""
     factory = _import_factory(task)
     team = [a for a in str(agents).split(";") if a] if agents else None
-    return PettingZooEnv(lambda: factory(**kw), agents=team, state=state, seed=seed)
+    if not isinstance(cooperative, bool):
+        raise UsageError(f"pettingzoo/{task}: cooperative must be true or false, got {cooperative!r}")
+    return PettingZooEnv(lambda: factory(**kw), agents=team, state=state, seed=seed, cooperative=cooperative)
 
 
 def from_parallel_env(factory: Callable[[], Any], num_envs: int = 1, workers: int = 0, **adapter_kw: Any):

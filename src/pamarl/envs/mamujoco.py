@@ -1,6 +1,8 @@
 """Multi-Agent MuJoCo (gymnasium-robotics' MaMuJoCo) and safe Multi-Agent MuJoCo with velocity costs.
 
 Two env families, both needing the ``mujoco`` extra (``pip install 'pamarl[mujoco]'``):
+(Length: the two families share one adapter and its documented partition and cost tables; about
+490 lines, most of them the id grammar and the per-scenario tables below.)
 
 * ``mamujoco/<Scenario>-<conf>``: a MuJoCo robot whose joints are split between agents;
 * ``safe-mamujoco/<Scenario>-<conf>``: the same robot with a per-step velocity cost.

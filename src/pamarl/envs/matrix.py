@@ -79,6 +79,7 @@ class MatrixGame(BatchedEnv):
             state=feat.clone(),
             action_mask=torch.ones(e, n, self.spec.act_dim, dtype=torch.bool, device=self.device),
             active=torch.ones(e, n, dtype=torch.bool, device=self.device),
+            first=self._t == 0,  # after a (automatic) reset the step counter is 0; never on a final obs
         )
 
     def reset(self, seed: int | None = None) -> BatchObs:

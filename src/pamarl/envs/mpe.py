@@ -35,6 +35,8 @@ _TEAMS = {
     "simple_tag_v3": lambda ids: [a for a in ids if a.startswith("adversary")],
     "simple_adversary_v3": lambda ids: [a for a in ids if a.startswith("agent")],
 }
+# Tasks where every learning agent has its own goal: reward=auto keeps their rewards per agent.
+_MIXED = {"simple_push_v3", "simple_crypto_v3", "simple_world_comm_v3"}
 _TEAM_REWARD = {"simple_reference_v3": False, "simple_speaker_listener_v4": True, "simple_v3": True}
 
 
@@ -140,6 +142,7 @@ def make_mpe(task: str, seed: int | None = None, continuous: bool = False, prey:
         episode_limit=int(kw["max_cycles"]),
         team_reward=team_reward,
         seed=seed,
+        cooperative=task not in _MIXED,
     )
 
 

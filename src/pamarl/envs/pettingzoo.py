@@ -64,6 +64,8 @@ class PettingZooEnv(MultiAgentEnv):
             ``"concat"``.
         episode_limit: stated in the spec (the env enforces its own limit).
         team_reward: declare that all agents share one reward.
+        cooperative: declare that the learning team shares one goal (``reward=auto`` then trains every
+            agent on the team's summed reward); False for mixed tasks.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class PettingZooEnv(MultiAgentEnv):
         episode_limit: int | None = None,
         team_reward: bool = False,
         seed: int | None = None,
+        cooperative: bool = True,
     ):
         self.env = env() if callable(env) and not hasattr(env, "possible_agents") else env
         possible = list(self.env.possible_agents)
@@ -134,6 +137,7 @@ class PettingZooEnv(MultiAgentEnv):
             has_action_mask=self._has_mask,
             episode_limit=episode_limit,
             team_reward=team_reward,
+            cooperative=cooperative,
         )
         self._active = np.ones(len(self.team), bool)
         self._simple = (

@@ -5,6 +5,12 @@ An env id is ``family/task`` with optional parameters in query form, for example
 ``matrix/homogeneity_trap?n=4``. Parameter values are parsed as YAML scalars (numbers, booleans,
 strings); nothing is evaluated.
 
+Packages outside pamarl add env families through the ``pamarl.envs`` entry-point group; the entry point
+names an :class:`EnvFamily` (registered) or a module that calls :func:`register_family` itself::
+
+    [project.entry-points."pamarl.envs"]
+    my_family = "my_package.envs:FAMILY"
+
 This module never imports torch: subprocess env workers import it to rebuild their env copies.
 """
 
@@ -75,20 +81,37 @@ def register_family(family: EnvFamily) -> EnvFamily:
     return family
 
 
+ENTRY_POINT_GROUP = "pamarl.envs"
+
+
+def _register_plugin(obj: Any) -> None:
+    if isinstance(obj, EnvFamily):
+        register_family(obj)
+
+
+def _load_plugins() -> None:
+    from pamarl.plugins import load_plugins
+
+    load_plugins(ENTRY_POINT_GROUP, _register_plugin)
+
+
 def _load(name: str) -> EnvFamily | None:
     if name not in _FAMILIES and name in _BUILTIN_MODULES:
         try:
             importlib.import_module(_BUILTIN_MODULES[name])
         except ModuleNotFoundError:
             return None
+    if name not in _FAMILIES:
+        _load_plugins()
     return _FAMILIES.get(name)
 
 
 def families(load: bool = True) -> dict[str, EnvFamily]:
-    """All registered families (importing the built-in ones whose dependencies are installed)."""
+    """All registered families (importing the built-in ones whose dependencies are installed, and plug-ins)."""
     if load:
         for name in _BUILTIN_MODULES:
             _load(name)
+        _load_plugins()
     return dict(_FAMILIES)
 
 

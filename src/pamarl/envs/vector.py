@@ -18,11 +18,11 @@ import numpy as np
 from pamarl.envs.base import BatchedEnv, BatchObs, BatchStep, EnvObs, EpisodeStats, MultiAgentEnv
 
 EnvFn = Callable[[], MultiAgentEnv]
-_OBS_KEYS = ("obs", "state", "action_mask", "active")
+_OBS_KEYS = ("obs", "state", "action_mask", "active", "first")
 
 
 def _stack_obs(items: Sequence[EnvObs]) -> dict[str, np.ndarray]:
-    return {k: np.stack([getattr(o, k) for o in items]) for k in _OBS_KEYS}
+    return {k: np.stack([getattr(o, k) for o in items]) for k in _OBS_KEYS if k != "first"}
 
 
 class EnvGroup:
@@ -40,11 +40,14 @@ class EnvGroup:
         self.ep_return[:] = 0.0
         self.ep_cost[:] = 0.0
         self.ep_len[:] = 0
-        return _stack_obs([env.reset(seed=s) for env, s in zip(self.envs, seeds)])
+        out = _stack_obs([env.reset(seed=s) for env, s in zip(self.envs, seeds)])
+        out["first"] = np.ones(len(self.envs), bool)
+        return out
 
     def step(self, actions: np.ndarray) -> dict[str, Any]:
         nxt, fin = [], []
         rewards, costs, term, trunc, episodes = [], [], [], [], []
+        first = np.zeros(len(self.envs), bool)
         for j, env in enumerate(self.envs):
             st = env.step(actions[j])
             self.ep_return[j] += st.reward
@@ -71,10 +74,11 @@ class EnvGroup:
                 self.ep_cost[j] = 0.0
                 self.ep_len[j] = 0
                 obs = env.reset()
+                first[j] = True
             nxt.append(obs)
         out: dict[str, Any] = {
-            "next": _stack_obs(nxt),
-            "final": _stack_obs(fin),
+            "next": {**_stack_obs(nxt), "first": first},
+            "final": {**_stack_obs(fin), "first": np.zeros(len(self.envs), bool)},
             "reward": np.stack(rewards).astype(np.float32),
             # The envs of one group share a spec, so either all report a cost or none does.
             "cost": None if costs[0] is None else np.stack(cast("list[np.ndarray]", costs)).astype(np.float32),
@@ -181,6 +185,7 @@ class VectorEnv(BatchedEnv):
             state=torch.from_numpy(np.ascontiguousarray(d["state"], dtype=np.float32)),
             action_mask=torch.from_numpy(np.ascontiguousarray(d["action_mask"], dtype=bool)),
             active=torch.from_numpy(np.ascontiguousarray(d["active"], dtype=bool)),
+            first=torch.from_numpy(np.ascontiguousarray(d["first"], dtype=bool)),
         )
 
     # ------------------------------------------------------------------ API

@@ -30,8 +30,11 @@ def _init_linear(layer: nn.Linear, gain: float) -> nn.Linear:
 
 
 class _MLP(nn.Module):
-    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, out_gain: float, act_gain: float):
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, out_gain: float, act_gain: float,
+                 input_norm: bool = False):
         super().__init__()
+        # HARL's use_feature_normalization: LayerNorm (with its own affine) on the raw input.
+        self.norm = nn.LayerNorm(in_dim) if input_norm else None
         dims = [in_dim, *hidden]
         self.layers = nn.ModuleList(_init_linear(nn.Linear(a, b), act_gain) for a, b in zip(dims[:-1], dims[1:]))
         self.layers.append(_init_linear(nn.Linear(dims[-1], out_dim), out_gain))
@@ -48,6 +51,7 @@ class AgentMLP(nn.Module):
         agent_id: with ``shared``, append a one-hot agent id to the input so the shared network can
             tell agents apart.
         out_gain: orthogonal-init gain of the output layer (0.01 for policy logits, 1 for values).
+        input_norm: LayerNorm on the inputs, one per agent network (HARL's ``use_feature_normalization``).
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class AgentMLP(nn.Module):
         shared: bool = False,
         agent_id: bool = False,
         out_gain: float = 1.0,
+        input_norm: bool = False,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -71,7 +76,8 @@ class AgentMLP(nn.Module):
         gain = nn.init.calculate_gain("relu" if activation == "relu" else "tanh")
         real_in = in_dim + (n_agents if self.agent_id else 0)
         n_nets = 1 if shared else n_agents
-        self.nets = nn.ModuleList(_MLP(real_in, hidden, out_dim, out_gain, gain) for _ in range(n_nets))
+        self.input_norm = input_norm
+        self.nets = nn.ModuleList(_MLP(real_in, hidden, out_dim, out_gain, gain, input_norm) for _ in range(n_nets))
         self.n_layers = len(hidden) + 1
         self._cache: dict[tuple[int, ...], tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
@@ -120,14 +126,20 @@ class AgentMLP(nn.Module):
             eye = torch.eye(self.n_agents, dtype=x.dtype, device=x.device)[idx]
             x = torch.cat([x, eye.expand(*lead, k, self.n_agents)], -1)
         if self.shared:
-            h = x
             net = self._net(0)
+            h = x if net.norm is None else net.norm(x)
             for j, layer in enumerate(net.layers):
                 h = layer(h)
                 if j < self.n_layers - 1:
                     h = self.act(h)
             return h
         h = x.reshape(-1, k, x.shape[-1]).transpose(0, 1)  # [k, B, in]
+        if self.input_norm:
+            # Normalise without affine, then each agent's own LayerNorm scale and shift ([k, 1, in]).
+            h = nn.functional.layer_norm(h, h.shape[-1:], eps=self._net(idx[0]).norm.eps)  # type: ignore[union-attr]
+            g = torch.stack([self._net(i).norm.weight for i in idx]).unsqueeze(1)  # type: ignore[union-attr]
+            b = torch.stack([self._net(i).norm.bias for i in idx]).unsqueeze(1)  # type: ignore[union-attr]
+            h = torch.addcmul(b, h, g)
         if k == 1:  # a single agent: plain linear layers, no stacking
             net = self._net(idx[0])
             for j, layer in enumerate(net.layers):

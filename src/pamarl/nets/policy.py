@@ -40,6 +40,7 @@ class Actor(nn.Module):
         log_std_init: float = -0.5,
         state_dependent_std: bool = False,
         squash: str = "clip",
+        input_norm: bool = False,
     ):
         super().__init__()
         if squash not in ("clip", "tanh"):
@@ -51,7 +52,8 @@ class Actor(nn.Module):
         self.state_dependent_std = state_dependent_std and not spec.discrete
         self.squash = squash
         out = spec.act_dim * (2 if self.state_dependent_std else 1)
-        self.body = AgentMLP(spec.n_agents, spec.obs_dim, out, hidden, activation, shared, agent_id, out_gain=0.01)
+        self.body = AgentMLP(spec.n_agents, spec.obs_dim, out, hidden, activation, shared, agent_id, out_gain=0.01,
+                             input_norm=input_norm)
         if not spec.discrete and not self.state_dependent_std:
             n = 1 if shared else spec.n_agents
             self.log_std = nn.ParameterList(
@@ -104,8 +106,10 @@ class Actor(nn.Module):
             if deterministic:
                 a = logp_all.argmax(-1)
             else:
-                flat = logp_all.exp().reshape(-1, logp_all.shape[-1])
-                a = torch.multinomial(flat, 1, generator=generator).reshape(logp_all.shape[:-1])
+                # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits); the uniform noise
+                # comes from ``generator``, which lives on the networks' device (no host round trip).
+                u = torch.rand(logp_all.shape, generator=generator, device=logp_all.device, dtype=logp_all.dtype)
+                a = (logp_all - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)
             return a, logp_all.gather(-1, a.unsqueeze(-1)).squeeze(-1)
         mean, log_std = self._gaussian(out, self._idx(None))
         if deterministic:

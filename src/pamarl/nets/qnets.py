@@ -173,7 +173,7 @@ class DeterministicActor(nn.Module):
 def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None) -> torch.Tensor:
     """Straight-through Gumbel-softmax (Jang et al. 2017): a one-hot sample forward, the gradient of
     ``softmax((logits + g) / tau)`` backward. Noise comes from ``generator`` (resumable), not the global RNG."""
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype).to(logits.device)
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
     e = -torch.log(u.clamp_min(1e-20))  # Exp(1) noise, >= 0
     g = -torch.log(e.clamp_min(1e-20))
     soft = torch.softmax((logits + g) / tau, -1)
