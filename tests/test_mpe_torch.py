@@ -101,12 +101,14 @@ def test_truncation_gives_the_true_last_obs_and_one_episode_per_copy():
     for t in range(3):
         st = env.step(torch.randint(0, 5, (5, 3)))
         total += st.reward
+        assert st.next.first.tolist() == [t == 2] * 5
         assert st.truncated.tolist() == [t == 2] * 5 and not st.terminated.any()
         assert st.reward.dtype == torch.float32 and st.final.obs.dtype == torch.float32
     assert len(st.episodes) == 5 and all(ep.length == 3 and ep.truncated for ep in st.episodes)
     np.testing.assert_allclose([ep.agent_returns for ep in st.episodes], total.numpy(), atol=1e-5)
     np.testing.assert_allclose([ep.team_return for ep in st.episodes], total.sum(1).numpy(), atol=1e-5)
     assert not torch.allclose(st.final.obs, st.next.obs)  # next is already the new episode
+    assert st.next.first.all() and not st.final.first.any() and obs.first.all()
     assert torch.all(st.next.obs[:, :, :2] == 0)  # velocities start at zero
     assert torch.all(st.final.state[:, :18] == st.final.obs[:, 0])  # state = the agents' observations
 

@@ -355,7 +355,7 @@ class MPETorch(BatchedEnv):
         if goal is not None:
             self.goal = put(goal, self.goal)
         self._groups = self.sc.observe(self)
-        return self._pack(self._groups)
+        return self._pack(self._groups, first=True)
 
     def _decode(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forces ``u [A, 2, E]`` and utterances ``c [A, dim_c, E]`` (None: all silent) from the actions."""
@@ -398,7 +398,7 @@ class MPETorch(BatchedEnv):
         """``[A, D, E]`` (this env's dtype) -> ``[E, A, D]`` float32, contiguous, in one copy."""
         return torch.empty(x.shape[2], x.shape[0], x.shape[1], device=self.device).copy_(x.permute(2, 0, 1))
 
-    def _pack(self, groups: list[torch.Tensor]) -> BatchObs:
+    def _pack(self, groups: list[torch.Tensor], first: bool = False) -> BatchObs:
         n = self.sc.n_team
         if len(groups) == 1 and not self._pad[0]:
             full = self._out(groups[0])
@@ -406,7 +406,8 @@ class MPETorch(BatchedEnv):
         else:
             state = torch.cat([self._out(g).flatten(1) for g in groups], 1)
             obs = self._out(torch.cat([F.pad(g, (0, 0, 0, p)) if p else g for g, p in zip(groups, self._pad)], 0)[:n])
-        return BatchObs(obs=obs, state=state, action_mask=self._mask, active=self._active)
+        return BatchObs(obs=obs, state=state, action_mask=self._mask, active=self._active,
+                        first=torch.full((self.num_envs,), first, dtype=torch.bool, device=self.device))
 
     # ------------------------------------------------------------------ API
     def reset(self, seed: int | None = None) -> BatchObs:
@@ -416,7 +417,7 @@ class MPETorch(BatchedEnv):
         self._reset_world()
         self._ret.zero_()
         self._groups = self.sc.observe(self)
-        return self._pack(self._groups)
+        return self._pack(self._groups, first=True)
 
     def step(self, actions: torch.Tensor) -> BatchStep:
         e, sc = self.num_envs, self.sc
