@@ -8,7 +8,10 @@ default, as mpe2 computes it; or ``float32``: faster on GPUs, but contact forces
 ``World.step`` (semi-implicit Euler, damping 0.25, softplus contact forces between colliding entities,
 speed caps) and each scenario's observation and reward, written once for all copies and all agents;
 ``tests/test_mpe_torch.py`` checks observations, state, rewards and time limits against the ``mpe/`` family
-(mpe2 itself) step for step. (Above 450 lines: the five scenarios are kept next to the world they share.)
+(mpe2 itself) step for step.
+
+Length: the five scenarios are kept next to the world they share (each is a page of tensor code that
+only makes sense with the world's layout).
 
 Differences from ``mpe/`` that the learner never sees: every copy runs on one episode clock (no
 supported task ends early, so all copies reset together, every ``max_cycles`` steps), and resets draw
