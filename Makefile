@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned to the CPU wheel, so no later step can pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,mujoco]"
+	$(BIN)/pip install -q -e ".[dev,mujoco,ray,magent]"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -170,6 +170,7 @@ def test_compare_resumes_interrupted_run_and_refuses_other_settings(tmp_path, mo
     (["--algos", "mappo", "--envs", "mpe/simple_spread_v3", "qmix:lr=0.1"], "not in --algos"),
     (["--algos", "mappo", "--envs", "mpe/simple_spread_v3", "--seeds", "two"], "--seeds"),
     (["--algos", "mappo"], "--envs"),
+    (["--algos", "mappo", "--envs", "mpe/simple_spread_v3", "--cpus-per-run", "2"], "--backend ray"),
 ])
 def test_compare_errors(args, needle, tmp_path, capsys):
     assert main(["compare", "--out", str(tmp_path / "o"), "--dry-run", *args]) == 2
@@ -267,3 +268,21 @@ def test_expected_throughput_prefers_the_task_then_the_family():
     assert expected_throughput("offpolicy", "safe-mamujoco/Walker2d-2x3") == THROUGHPUT[("offpolicy", "mamujoco")]
     assert expected_throughput("onpolicy", "mpe/simple_tag_v3") == THROUGHPUT[("onpolicy", "mpe")]
     assert expected_throughput("onpolicy", "pettingzoo/some.module:env") == 800.0
+
+
+def test_launch_decides_from_the_run_directory_and_reports_retries(tmp_path):
+    """What the Ray backend's tasks rely on, without Ray: a retry resumes from whatever checkpoint the run
+    directory holds, and a launch id seen twice in attempts.jsonl is a retry the report lists."""
+    from pamarl.distributed.launch import ATTEMPTS, retries_of, train_args
+
+    d = tmp_path / "run"
+    assert train_args(d, 100)[0] == "new"
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "checkpoints" / "latest.pt").write_bytes(b"")
+    state, args = train_args(d, 100)
+    assert state == "resume" and args[:3] == ["train", "--resume", str(d)]
+    assert train_args(d, 100, "new")[0] == "new"  # the planner's decision wins on a first start
+    lines = [{"launch": "a", "state": "new"}, {"launch": "a", "state": "resume", "from_env_steps": 50},
+             {"launch": "b", "state": "resume", "from_env_steps": 80}]
+    (d / ATTEMPTS).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert retries_of(d) == [lines[1]]  # "b" is a later invocation's resume, not a retry

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 
@@ -40,6 +41,39 @@ def raw_env_speed(env_id: str, num_envs: int, workers: int, steps: int, seed: in
     dt = time.perf_counter() - t0
     env.close()
     return n_iter * num_envs / dt
+
+
+def raw_engine_agent_steps(env_id: str, steps: int, seed: int = 0) -> float | None:
+    """MAgent2 only: agent-steps (both teams) per CPU second of the bare engine under random actions
+    (set_action / step / get_reward / get_observation / clear_dead per team, no wrapper, no learning)."""
+    from pamarl.envs.registry import make_env, parse_env_id
+
+    if parse_env_id(env_id)[0] != "magent2":  # magent2 is an optional extra: never import it otherwise
+        return None
+    from pamarl.envs.magent import MAgentEnv
+
+    env = make_env(env_id, num_envs=1, seed=seed)
+    if not isinstance(env, MAgentEnv):
+        env.close()
+        return None
+    g, rng, n = env.copies[0].env, np.random.default_rng(seed), 0
+    t0 = time.process_time()
+    for _ in range(max(1, steps)):
+        for h in env.handles:
+            k = g.get_num(h)
+            g.set_action(h, rng.integers(0, int(g.get_action_space(h)[0]), k).astype(np.int32))
+            n += k
+        done = g.step()
+        for h in env.handles:
+            g.get_reward(h)
+            g.get_observation(h)
+        g.clear_dead()
+        if done or any(g.get_num(h) == 0 for h in env.handles):
+            g.reset()
+            env.copies[0].generate_map()
+    dt = time.process_time() - t0
+    env.close()
+    return n / max(dt, 1e-9)
 
 
 def peak_memory_mb() -> dict[str, float]:
@@ -77,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         res = train(run, algo_cfg, quiet=True)
         cpu = time.process_time() - cpu0
     mem = peak_memory_mb()
+    engine = raw_engine_agent_steps(args.env, 200)
     out = {
         "algo": args.algo, "env": args.env, "num_envs": args.num_envs, "rollout_len": args.rollout_len,
         "workers": args.workers, "threads": args.threads, "train_env_steps": res.env_steps,
@@ -86,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"epochs": algo_cfg.epochs, "minibatches": algo_cfg.minibatches, "hidden": list(algo_cfg.hidden)}
         if hasattr(algo_cfg, "epochs") else {},
     }
+    if engine is not None:  # many-agent battles: count agent-steps (the learning team's agents per env step)
+        n = res.n_agents
+        out.update(train_agent_steps_per_s=round(res.steps_per_s * n, 1), raw_agent_steps_per_s=round(raw * n, 1),
+                   engine_agent_steps_per_cpu_s=round(engine, 1), learning_agents=n)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -94,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  training : {out['train_steps_per_s']:>9,.0f} env steps/s ({res.env_steps:,} steps; "
               f"{out['train_steps_per_cpu_s']:,.0f} per CPU second of all threads, setup included)")
         print(f"  raw env  : {out['raw_env_steps_per_s']:>9,.0f} env steps/s (random actions, no learning)")
+        if engine is not None:
+            print(f"  agent-steps/s: training {out['train_agent_steps_per_s']:,.0f}, wrapper with random actions "
+                  f"{out['raw_agent_steps_per_s']:,.0f} ({out['learning_agents']} learning agents per env step); "
+                  f"bare engine {engine:,.0f} per CPU second (both teams)")
         print(f"  peak RSS : {mem['main_mb']:,.0f} MB main process, {mem['largest_child_mb']:,.0f} MB largest child")
     return 0
 

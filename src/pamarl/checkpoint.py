@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,25 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **payload}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."): say what happened.
+        tmp.unlink(missing_ok=True)
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = -1
+        full = getattr(e, "errno", None) == errno.ENOSPC or 0 <= free < 64 << 20
+        cause = f"the disk is full ({max(free, 0) // 2**20} MiB free)" if full else f"{type(e).__name__}: {e}"
+        previous = "the previous checkpoint there is intact" if path.exists() else "no earlier checkpoint exists"
+        fix = (". Free some space, then resume" if path.exists() else ". Free some space, then start the run again "
+               "(--overwrite)") if full else ""
+        raise CheckpointError(f"could not write checkpoint {str(path)!r}: {cause}; {previous}{fix}") from e
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

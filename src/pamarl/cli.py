@@ -8,40 +8,56 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from pamarl.errors import CheckpointError, TrainingError, UsageError
+from pamarl.errors import CheckpointError, RunInterrupted, TrainingError, UsageError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pamarl.config import parse_overrides
+    from pamarl.config import TrainConfig, parse_overrides, to_dict
+    from pamarl.envs.registry import check_trusted
     from pamarl.runner import build_configs, load_run_config, train
+    from pamarl.validation import resume_changes
 
+    values: dict[str, Any] = {}
+    for key in ("algo", "env", "steps", "seed"):
+        v = getattr(args, key)
+        if v is not None:
+            values[key] = v
     if args.resume:
-        run, algo_cfg = load_run_config(args.resume)
-        if args.overrides or args.algo or args.env or args.steps is not None:
-            extra = parse_overrides(args.overrides)
-            if args.steps is not None:
-                extra["steps"] = args.steps
-            bad = [k for k in extra if k not in ("steps", "run.steps", "progress", "tensorboard")]
-            if args.algo or args.env or bad:
-                raise UsageError("--resume continues a run as configured; only --steps may change")
-            run = dataclasses.replace(run, steps=int(extra.get("steps", extra.get("run.steps", run.steps))))
-        run = dataclasses.replace(run, run_dir=str(args.resume))
+        for flag, bad in (("--config", args.config), ("--preset", args.preset), ("--overwrite", args.overwrite)):
+            if bad:
+                raise UsageError(f"{flag} starts a new run; with --resume give the keys to change as key=value")
+        if args.run_dir is not None and Path(args.run_dir) != Path(args.resume):
+            raise UsageError("--resume RUN_DIR already names the run directory; leave out --run-dir")
+        run0, algo0 = load_run_config(args.resume)
+        check_trusted(run0.env, f"{Path(args.resume) / 'config.yaml'}", restated=args.env, trust=args.trust_env_code)
+        resume_changes(to_dict(run0), {k: v for k, v in values.items() if k in ("algo", "env")}, TrainConfig)
+        # The saved config, with what the user changes on top (pamarl.validation says what may change).
+        saved = {f"run.{k}": v for k, v in to_dict(run0).items()}
+        saved.update({f"algo.{k}": v for k, v in to_dict(algo0).items()})
+        for k, v in {**values, **parse_overrides(args.overrides)}.items():
+            short = k.split(".", 1)[1] if k.startswith(("run.", "algo.")) else k
+            for prefixed in (f"run.{short}", f"algo.{short}"):
+                saved.pop(prefixed, None)
+            saved[k] = v
+        saved["run.run_dir"] = str(args.resume)
+        run, algo_cfg = build_configs(saved)
         result = train(run, algo_cfg, resume=True, checkpoint=args.checkpoint)
     else:
-        values: dict[str, Any] = {}
-        for key in ("algo", "env", "steps", "seed", "run_dir"):
-            v = getattr(args, key)
-            if v is not None:
-                values[key] = v
+        if args.checkpoint:
+            raise UsageError("--checkpoint picks the checkpoint to resume from: use it with --resume RUN_DIR")
+        if args.run_dir is not None:
+            values["run_dir"] = args.run_dir
         values.update(parse_overrides(args.overrides))
         run, algo_cfg = build_configs(values, args.config, args.preset)
-        result = train(run, algo_cfg)
+        result = train(run, algo_cfg, overwrite=args.overwrite)
     first = "n/a" if result.first_return is None else f"{result.first_return:.3f}"
     last = "n/a" if result.last_return is None else f"{result.last_return:.3f}"
     print(f"\nTrained {run.algo} on {run.env} for {result.env_steps:,} env steps in {result.wall_s:.1f} s "
@@ -62,17 +78,31 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from pamarl.checkpoint import load_checkpoint
-    from pamarl.envs.registry import make_env
+    from pamarl.envs.guard import build_env
+    from pamarl.envs.registry import check_trusted
+    from pamarl.errors import CheckpointError
     from pamarl.runner import cost_limit, evaluate, load_run_config, make_algorithm
 
+    if args.episodes < 1:
+        raise UsageError(f"--episodes must be at least 1, got {args.episodes}")
     run, algo_cfg = load_run_config(args.run_dir)
+    check_trusted(run.env, f"{Path(args.run_dir) / 'config.yaml'}", restated=args.env, trust=args.trust_env_code)
+    if args.env is not None and args.env != run.env:
+        raise UsageError(f"--env {args.env!r} is not the env of this run ({run.env!r}); --env only re-states it")
     torch.set_num_threads(max(1, run.torch_threads))
     ckpt = Path(args.checkpoint) if args.checkpoint else Path(args.run_dir) / "checkpoints" / "latest.pt"
     state = load_checkpoint(ckpt)
-    env = make_env(run.env, num_envs=1 if args.render else min(args.episodes, 8), seed=args.seed)
+    for key, now in (("algo_name", run.algo), ("env", run.env)):
+        if state.get(key) not in (None, now):
+            raise CheckpointError(f"{ckpt} was written by a run of {state[key]!r}, not {now!r} like {args.run_dir}")
+    env = build_env(run.env, num_envs=1 if args.render else min(args.episodes, 8), seed=args.seed)
     try:
         algo = make_algorithm(run, algo_cfg, env.spec)
-        algo.load_state_dict(state["algo"])
+        try:
+            algo.load_state_dict(state["algo"])
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{ckpt} does not match the algorithm, network sizes or env of {args.run_dir} "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
         limit = cost_limit(run) if env.spec.has_cost else None
         if args.render:
             from pamarl.render import record_episode
@@ -96,6 +126,7 @@ def _list(args: argparse.Namespace) -> int:
     from pamarl.algos.registry import algorithms, get_algorithm
     from pamarl.config import TrainConfig, field_docs
     from pamarl.envs.registry import _BUILTIN_MODULES, families
+    from pamarl.validation import rule_for
 
     if args.config:
         cls = get_algorithm(args.config)
@@ -104,7 +135,9 @@ def _list(args: argparse.Namespace) -> int:
             docs = field_docs(dc)
             for f in dataclasses.fields(dc):
                 default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                print(f"  {f.name} = {default!r}\n      {docs.get(f.name, '')}")
+                rule = rule_for(dc, f.name)
+                allowed = f"  [{rule.describe()}{'' if rule.resume is True else '; fixed on --resume'}]" if rule else ""
+                print(f"  {f.name} = {default!r}{allowed}\n      {docs.get(f.name, '')}")
         return 0
     print("Algorithms:")
     for name, cls in algorithms().items():
@@ -146,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "harl-mamujoco, epymarl-qmix (docs/deviations.md); --config and key=value override it")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     t.add_argument("--checkpoint", help="with --resume: a specific checkpoint file")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in a run directory that holds a run: deletes its checkpoints and logs")
+    t.add_argument("--trust-env-code", dest="trust_env_code", action="store_true",
+                   help="with --resume: accept an env id from the run directory that imports Python code")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.set_defaults(fn=_train)
 
@@ -157,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stochastic", action="store_true", help="sample actions instead of the greedy policy")
     e.add_argument("--render", metavar="OUT", help="write an animation of one episode (.gif or .mp4)")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--env", help="re-state the run's env id (needed for ids that import Python code)")
+    e.add_argument("--trust-env-code", dest="trust_env_code", action="store_true",
+                   help="accept an env id from the run directory that imports Python code")
     e.set_defaults(fn=_eval)
 
     ls = sub.add_parser("list", help="list algorithms and environments")
@@ -174,36 +214,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_DELEGATED = {"bench": "pamarl.bench", "compare": "pamarl.compare", "plot": "pamarl.plot"}
+_DELEGATED = {"bench": "pamarl.bench", "compare": "pamarl.compare", "plot": "pamarl.plot", "battle": "pamarl.battle"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every error a user can cause is one message and exit 2 (``--debug``: a traceback too)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("PAMARL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     try:
         if argv and argv[0] in _DELEGATED:  # these parse their own options
             return int(_delegate(_DELEGATED[argv[0]])(argv[1:]) or 0)
-        args = parser.parse_args(argv)
+        args, rest = parser.parse_known_args(argv)
+        # key=value pairs may come after options (`train --algo x lr=1 --steps 9 gamma=0.9`): argparse
+        # takes only the first run of positionals, so the later ones arrive here.
+        if rest and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in rest):
+            args.overrides = [*args.overrides, *rest]
+        elif rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return int(args.fn(args) or 0)
+    except SystemExit as e:  # argparse's usage errors (exit 2) and --help (exit 0)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except UsageError as e:
-        print(f"pamarl: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(debug, f"pamarl: error: {e}", 2)
     except CheckpointError as e:
-        print(f"pamarl: checkpoint error: {e}", file=sys.stderr)
-        return 2
+        return _fail(debug, f"pamarl: checkpoint error: {e}", 2)
     except TrainingError as e:
-        print(f"pamarl: training stopped: {e}", file=sys.stderr)
-        return 1
+        return _fail(debug, f"pamarl: training stopped: {e}", 1)
+    except RunInterrupted as e:
+        return _fail(debug, f"\npamarl: {e}", 128 + e.signum)
     except KeyboardInterrupt:
-        print("\npamarl: interrupted; the latest checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # Output piped into `head` and closed early: not an error. Point stdout at devnull so the
-        # interpreter's final flush does not raise again.
-        import os
+        return _fail(debug, "\npamarl: interrupted (nothing is being trained here, so there is no checkpoint to "
+                     "write)", 130)
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            # Output piped into `head` and closed early: not an error. Point stdout at devnull so the
+            # interpreter's final flush does not raise again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        where = f" ({e.filename})" if e.filename else ""
+        fix = "free some space" if e.errno == errno.ENOSPC else "check the path and its permissions"
+        return _fail(debug, f"pamarl: error: {e.strerror or e}{where}; {fix}. Files written before are intact", 2)
+    except MemoryError:
+        return _fail(debug, "pamarl: error: out of memory; lower num_envs, buffer_size or the network sizes", 2)
+    except ImportError as e:
+        return _fail(debug, f"pamarl: error: {e}; install the optional extra it belongs to "
+                     "(pip install 'pamarl[...]', see the README)", 2)
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+
+def _fail(debug: bool, message: str, code: int) -> int:
+    print(message, file=sys.stderr)
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    return code
 
 
 if __name__ == "__main__":

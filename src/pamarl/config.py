@@ -43,7 +43,10 @@ class TrainConfig:
     rollout_len: int = 200
     """Steps per env copy in each iteration (on-policy rollout length T)."""
     env_workers: int = 0
-    """0: step the env copies in this process; W > 0: in W subprocesses."""
+    """0: step the env copies in this process; W > 0: in W subprocesses (or W Ray actors: env_backend)."""
+    env_backend: str = "local"
+    """Where env_workers run: local (subprocesses) or ray (Ray actors on the cluster of RAY_ADDRESS, else a
+    local one; needs pamarl[ray]). Same numbers either way."""
     eval_every: int = 10
     """Evaluate every this many iterations (0: only at the end)."""
     eval_episodes: int = 10
@@ -52,7 +55,11 @@ class TrainConfig:
     """Evaluate with the most likely action (greedy) instead of sampling."""
     checkpoint_every: int = 50
     """Write checkpoints/latest.pt every this many iterations (0: only the final one). Training envs
-    are re-seeded and reset at each checkpoint so that a resumed run replays exactly."""
+    are re-seeded and reset at each of these checkpoints so that a resumed run replays exactly."""
+    checkpoint_minutes: float = 5.0
+    """Also write checkpoints/latest.pt when this many minutes passed since the last one (0: off), so a
+    killed run loses minutes. The envs are not reset there: a resume from such a checkpoint continues
+    correctly but is not bit-identical to an uninterrupted run (one from a periodic checkpoint is)."""
     keep_checkpoints: bool = False
     """Also keep a numbered copy of every periodic checkpoint."""
     reward: str = "auto"
@@ -77,6 +84,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.reward not in ("auto", "team", "individual"):
             raise UsageError(f"reward must be 'auto', 'team' or 'individual', got {self.reward!r}")
+        if self.env_backend not in ("local", "ray"):
+            raise UsageError(f"env_backend must be 'local' or 'ray', got {self.env_backend!r}")
         check_device(self.device)
 
 
@@ -203,6 +212,9 @@ def build(cls: type, values: dict[str, Any], what: str) -> Any:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise UsageError(f"invalid {what} config: {e}") from e
+    from pamarl.validation import check_config
+
+    check_config(obj, what)  # ranges from one table (pamarl.validation.RULES), looked up by field name
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()
@@ -225,12 +237,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"config file {str(p)!r} is a directory; give a YAML file (to continue a run in a "
+                         "directory use --resume DIR)")
     if not p.is_file():
         raise UsageError(f"config file {str(p)!r} does not exist")
     try:
         data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UsageError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    except OSError as e:
+        raise UsageError(f"config file {str(p)!r} cannot be read ({e.strerror}); check its permissions") from e
     if not isinstance(data, dict):
         raise UsageError(f"config file {str(p)!r} must hold a mapping of keys to values")
     flat: dict[str, Any] = {}
@@ -282,8 +299,12 @@ def split_keys(values: dict[str, Any], algo_cls: type | None) -> tuple[dict[str,
     algo_v: dict[str, Any] = {}
     for k, v in values.items():
         if k.startswith("run."):
+            if k[4:] not in run_names and k[4:] in algo_names:
+                raise UsageError(f"{k[4:]!r} is an algorithm key: put it under algo: (or at the top level), not run:")
             run_v[k[4:]] = v
         elif k.startswith("algo."):
+            if k[5:] in run_names and k[5:] not in algo_names:
+                raise UsageError(f"{k[5:]!r} is a run key: put it under run: (or at the top level), not algo:")
             algo_v[k[5:]] = v
         elif k in run_names:
             run_v[k] = v

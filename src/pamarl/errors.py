@@ -11,3 +11,18 @@ class CheckpointError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. a loss became NaN); what was saved before stays intact."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Training stopped on Ctrl-C / SIGTERM; the message says which checkpoint holds the run.
+
+    A ``KeyboardInterrupt``, so that code which catches that for a Ctrl-C keeps working.
+    """
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.signum = signum
+
+
+class EnvError(TrainingError):
+    """An environment failed while stepping or resetting; the message names the env and the step."""

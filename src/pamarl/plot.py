@@ -31,6 +31,8 @@ METRICS = {
     "k": ("sched/k", "critical agents k"),
 }
 """Short names accepted by ``--metric`` (any ``metrics.csv`` column works too)."""
+FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")
+"""File types ``--out`` may end with (matplotlib's writers that need no extra package)."""
 
 
 def _pyplot() -> Any:
@@ -188,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smooth < 1:
         raise UsageError("--smooth must be >= 1")
+    ext = Path(args.out).suffix.lower().lstrip(".")
+    if ext not in FORMATS:
+        raise UsageError(f"--out {args.out!r}: matplotlib cannot write {ext or 'a file without an extension'!r}; "
+                         f"end the name with one of .{', .'.join(FORMATS)}")
     runs = [load_run(d) for d in find_runs(args.runs)]
     key, ylabel = METRICS.get(args.metric, (args.metric, args.metric))
     if args.metric in ("alpha", "k"):

@@ -17,6 +17,7 @@ point are cut and bootstrapped like a time limit (GAE already bootstraps the las
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,9 +36,13 @@ from pamarl.algos.registry import get_algorithm
 from pamarl.checkpoint import load_checkpoint, save_checkpoint
 from pamarl.config import TrainConfig, build, load_preset, load_yaml, split_keys, to_dict
 from pamarl.envs.base import BatchedEnv, BatchStep, EnvSpec
-from pamarl.envs.registry import make_env, resolve
-from pamarl.errors import CheckpointError, UsageError
+from pamarl.envs.guard import build_env
+from pamarl.envs.registry import resolve
+from pamarl.errors import RunInterrupted, TrainingError, UsageError
 from pamarl.logging import MetricsLogger
+from pamarl.rundir import LOCK_NAME, RunLock, check_resume, make_dir, prepare_new, record_changes, restore
+from pamarl.signals import CheckpointClock, StopRequest, latest_checkpoint_note
+from pamarl.validation import check_together
 
 DEFAULT_COST_LIMIT = 25.0
 
@@ -53,6 +58,7 @@ class TrainResult:
     first_return: float | None
     last_return: float | None
     final_eval: dict[str, float] = field(default_factory=dict)
+    n_agents: int = 0
 
     @property
     def steps_per_s(self) -> float:
@@ -77,7 +83,10 @@ def build_configs(values: dict[str, Any], config_file: str | None = None, preset
     algo_cls = get_algorithm(str(algo_name))
     run_v, algo_v = split_keys(merged, algo_cls.Config)
     run = build(TrainConfig, run_v, "run")
-    return run, build(algo_cls.Config, algo_v, f"{algo_cls.name}")
+    algo_cfg = build(algo_cls.Config, algo_v, f"{algo_cls.name}")
+    check_together(run, algo_cfg)
+    resolve(run.env)  # an unknown env or a bad ?parameter fails here, before any directory is made
+    return run, algo_cfg
 
 
 def cost_limit(run: TrainConfig) -> float:
@@ -199,10 +208,22 @@ def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, Any]:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UsageError(f"{str(run_dir)!r} is not a pamarl run directory (no config.yaml)")
-    doc = yaml.safe_load(path.read_text())
-    run = build(TrainConfig, doc["run"], "run")
-    algo_cls = get_algorithm(run.algo)
-    return run, build(algo_cls.Config, doc["algo"], algo_cls.name)
+    try:
+        doc = yaml.safe_load(path.read_text())
+        run_doc, algo_doc = doc["run"], doc["algo"]
+        if not isinstance(run_doc, dict) or not isinstance(algo_doc, dict):
+            raise TypeError("run: and algo: must be mappings")
+    except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UsageError(f"{str(path)!r} is corrupt or not a pamarl run config ({type(e).__name__}: {e}); "
+                         "restore it from a copy, or start a new run elsewhere") from e
+    except OSError as e:
+        raise UsageError(f"{str(path)!r} cannot be read ({e.strerror})") from e
+    try:
+        run = build(TrainConfig, run_doc, "run")
+        algo_cls = get_algorithm(run.algo)
+        return run, build(algo_cls.Config, algo_doc, algo_cls.name)
+    except UsageError as e:
+        raise UsageError(f"{str(path)!r}: {e}") from e
 
 
 def make_algorithm(run: TrainConfig, algo_cfg: Any, spec: EnvSpec) -> Algorithm:
@@ -221,58 +242,95 @@ def _rng_state() -> dict[str, Any]:
 
 
 def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoint: str | None = None,
-          quiet: bool = False) -> TrainResult:
-    """Train ``run.algo`` on ``run.env``; resume from ``run_dir/checkpoints/latest.pt`` with ``resume``."""
+          quiet: bool = False, overwrite: bool = False) -> TrainResult:
+    """Train ``run.algo`` on ``run.env``; resume from ``run_dir/checkpoints/latest.pt`` with ``resume``.
+
+    The run directory is locked while training (:class:`pamarl.rundir.RunLock`); a new run refuses a
+    directory that already holds something unless ``overwrite``. A resume may change the keys
+    :mod:`pamarl.validation` allows; the changes go to ``config_history.yaml``.
+    """
     if algo_cfg is None:
         saved = Path(run.run_dir or "") / "config.yaml"
         # A resumed run keeps the algorithm config it was started with, not the defaults.
         algo_cfg = load_run_config(saved.parent)[1] if resume and saved.is_file() else get_algorithm(run.algo).Config()
+    run_dir = Path(run.run_dir) if run.run_dir else default_run_dir(run)
+    fresh = make_dir(run_dir)
+    lock = RunLock(run_dir).acquire()
+    try:
+        if resume and not (run_dir / "config.yaml").is_file():
+            raise UsageError(f"{str(run_dir)!r} is not a pamarl run directory (no config.yaml): nothing to resume")
+        if not resume:
+            prepare_new(run_dir, overwrite)
+        return _train_locked(dataclasses.replace(run, run_dir=str(run_dir)), algo_cfg, resume, checkpoint, quiet)
+    except RunInterrupted:  # already says where the checkpoint is
+        raise
+    except TrainingError as e:  # NaN loss, env failure: say truly what a resume would start from
+        raise type(e)(f"{e} ({latest_checkpoint_note(run_dir / 'checkpoints')})") from e
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: say what is on disk
+        raise RunInterrupted(f"stopped at once; {latest_checkpoint_note(run_dir / 'checkpoints')}") from None
+    finally:
+        # A new directory that stayed empty is removed, with the lock still held so no one else slips in.
+        with contextlib.suppress(OSError):
+            if fresh and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:
+                (run_dir / LOCK_NAME).unlink(missing_ok=True)
+                run_dir.rmdir()
+        lock.release()
+
+
+def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str | None,
+                  quiet: bool) -> TrainResult:
     torch.set_num_threads(max(1, run.torch_threads))
     _seed_everything(run.seed)
-    run_dir = Path(run.run_dir) if run.run_dir else default_run_dir(run)
-    if not resume and (run_dir / "checkpoints" / "latest.pt").exists():
-        raise UsageError(
-            f"run directory {str(run_dir)!r} already holds a run; resume it with `pamarl train --resume "
-            f"{run_dir}` or choose another --run-dir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = dataclasses.replace(run, run_dir=str(run_dir))
+    run_dir = Path(str(run.run_dir))
     ckpt_dir = run_dir / "checkpoints"
 
     state = None
+    changes: dict[str, tuple[Any, Any]] = {}
     if resume:
         state = load_checkpoint(checkpoint or ckpt_dir / "latest.pt")
+        changes = check_resume(run, algo_cfg, state)
 
-    env = make_env(run.env, num_envs=run.num_envs, workers=run.env_workers, seed=run.seed, device=run.device)
-    eval_env = make_env(run.env, num_envs=min(run.eval_episodes, 8) or 1, workers=0, seed=run.seed + 99_991,
-                        device=run.device)
+    env = build_env(run.env, num_envs=run.num_envs, workers=run.env_workers, seed=run.seed, device=run.device,
+                    backend=run.env_backend)
+    try:
+        eval_env = build_env(run.env, num_envs=min(run.eval_episodes, 8) or 1, workers=0, seed=run.seed + 99_991,
+                             device=run.device)
+    except BaseException:
+        env.close()
+        raise
+    algo: Algorithm | None = None
     try:
         spec = env.spec
         algo = make_algorithm(run, algo_cfg, spec)
+        for e in (env, eval_env):  # two-team envs whose opponent is a lagged copy of the learner (self-play)
+            attach = getattr(e, "attach_learner", None)
+            if attach is not None:
+                attach(algo)
         limit = cost_limit(run) if spec.has_cost else None
         if limit is not None:
             algo.set_cost_limit(limit)
-        _write_config(run_dir, run, algo_cfg, spec)
         per_iter = run.num_envs * run.rollout_len
         total_iters = max(1, math.ceil(run.steps / per_iter))
         it0, env_steps, wall0 = 0, 0, 0.0
         if state is not None:
-            try:
-                algo.load_state_dict(state["algo"])
-            except (KeyError, RuntimeError, ValueError) as e:
-                raise CheckpointError(f"checkpoint does not match this run's algorithm/env: {e}") from e
+            restore(algo, state, changes, quiet)
             it0, env_steps, wall0 = int(state["iteration"]), int(state["env_steps"]), float(state["wall_s"])
             torch.set_rng_state(state["rng"]["torch"])
             np_state = _np_legacy_state()
             np.random.set_state((np_state[0], np.array(state["rng"]["numpy"], dtype=np.uint32), *np_state[2:]))
             py = state["rng"]["python"]
             random.setstate((py[0], tuple(py[1]), py[2]))
+        _write_config(run_dir, run, algo_cfg, spec)
+        if changes and state is not None:
+            record_changes(run_dir, changes, it0, env_steps, str(checkpoint or ckpt_dir / "latest.pt"))
         logger = MetricsLogger(run_dir, run.tensorboard, resume_iteration=it0 if state is not None else None)
         return _loop(run, algo, env, eval_env, logger, run_dir, ckpt_dir, it0, total_iters, env_steps, wall0,
                      limit, quiet)
     finally:
         env.close()
         eval_env.close()
+        if algo is not None:
+            algo.close()
 
 
 def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedEnv, logger: MetricsLogger,
@@ -292,6 +350,7 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
     final_eval: dict[str, float] = {}
     t_start = time.perf_counter() - wall0
     obs = env.reset(seed=env_seed(run.seed, it0))
+    stop, clock = StopRequest().__enter__(), CheckpointClock(run.checkpoint_minutes)
     try:
         n_agents = env.spec.n_agents
         convention = reward_convention(run, env.spec)
@@ -334,20 +393,27 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
                 row.update(final_eval)
                 logger.log_eval_episodes(it + 1, env_steps, episodes_rec)
             logger.log(row)
-            if last or (run.checkpoint_every > 0 and (it + 1) % run.checkpoint_every == 0):
+            periodic = run.checkpoint_every > 0 and (it + 1) % run.checkpoint_every == 0
+            if last or periodic or clock.due() or stop.requested:
                 payload = {
                     "iteration": it + 1,
                     "env_steps": env_steps,
                     "wall_s": time.perf_counter() - t_start,
                     "algo": algo.state_dict(),
                     "rng": _rng_state(),
+                    # Only periodic checkpoints reset the envs (below), so only they resume bit-exactly;
+                    # wall-time and signal ones do not, so that a run's result never depends on timing.
+                    "exact": bool(last or periodic),
+                    "algo_name": run.algo,
+                    "env": run.env,
                 }
                 save_checkpoint(ckpt_dir / "latest.pt", payload)
-                if run.keep_checkpoints:
+                clock.reset()
+                if run.keep_checkpoints and (last or periodic):
                     save_checkpoint(ckpt_dir / f"it{it + 1:06d}.pt", payload)
                 if last:
                     save_checkpoint(ckpt_dir / "final.pt", payload)
-                else:
+                elif periodic:
                     obs = env.reset(seed=env_seed(run.seed, it + 1))
                     algo.reset_rollout()
             bar.update(per_iter)
@@ -357,12 +423,18 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
             if "eval/return_mean" in row:
                 post["eval"] = f"{row['eval/return_mean']:.2f}"
             bar.set_postfix(post, refresh=False)
+            if stop.requested and not last:
+                raise RunInterrupted(f"{stop.name}: stopped after iteration {it + 1}; checkpoint written to "
+                                     f"{ckpt_dir / 'latest.pt'} ({env_steps:,} env steps); resume with "
+                                     f"`pamarl train --resume {run_dir}`", stop.signum or 2)
     finally:
+        stop.__exit__(None, None, None)
         bar.close()
         logger.close()
     wall = time.perf_counter() - t_start
     result = TrainResult(run_dir=run_dir, iterations=total_iters, env_steps=env_steps, wall_s=wall,
-                         first_return=first_ret, last_return=last_ret, final_eval=final_eval)
+                         first_return=first_ret, last_return=last_ret, final_eval=final_eval,
+                         n_agents=env.spec.n_agents)
     summary = {
         "algo": run.algo, "env": run.env, "seed": run.seed, "env_steps": env_steps, "iterations": total_iters,
         "wall_s": round(wall, 2), "env_steps_per_s": round(result.steps_per_s, 1),

@@ -92,6 +92,9 @@ class Algorithm(ABC):
     """Has a recurrent variant (``rnn=true``); its hidden states reset where ``BatchObs.first`` says."""
     supports_shared_params: ClassVar[bool] = True
     """Accepts ``share_params=true``."""
+    homogeneous_agents_only: ClassVar[bool] = False
+    """Shares one network across interchangeable agents (mean-field methods): tasks whose agents differ in
+    observation or action sizes are refused."""
 
     def __init__(self, spec: EnvSpec, cfg: Any, run: TrainConfig, device: torch.device):
         self.check_env(spec)
@@ -156,6 +159,10 @@ class Algorithm(ABC):
                 f"task's actions are {spec.action_kind}"
                 + (" (MPE tasks take ?continuous=true)" if spec.action_kind == "discrete" else "")
             )
+        if cls.homogeneous_agents_only and (len(set(spec.obs_dims)) > 1 or len(set(spec.action_dims)) > 1):
+            raise UsageError(f"{cls.name} shares one network across many homogeneous agents; this task's agents "
+                             f"differ (observation sizes {sorted(set(spec.obs_dims))}, action counts "
+                             f"{sorted(set(spec.action_dims))})")
 
     @abstractmethod
     def act(self, obs: BatchObs, explore: bool = True) -> ActOut:
@@ -171,6 +178,9 @@ class Algorithm(ABC):
 
     def reset_rollout(self) -> None:  # noqa: B027 - optional hook
         """Forget the unfinished part of a rollout (called when the runner resets the envs)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the algorithm holds outside this process (e.g. Ray actors); the runner calls it last."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

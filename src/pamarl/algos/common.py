@@ -27,9 +27,9 @@ def check_finite(loss: torch.Tensor, what: str) -> None:
     """Stop training with a :class:`TrainingError` naming ``what`` when ``loss`` holds NaN or inf."""
     if not torch.isfinite(loss).all():
         raise TrainingError(
-            f"{what} became NaN/inf. Checkpoints already written are intact. Restart with lower learning "
-            "rates (lr=..., critic_lr=...) or a smaller max_grad_norm, or resume from the last checkpoint "
-            "with changed settings where `pamarl train --resume` allows it."
+            f"{what} became NaN/inf. Lower the learning rates or the gradient clipping: resume from the last "
+            "checkpoint with `pamarl train --resume RUN_DIR lr=... critic_lr=... max_grad_norm=...` (the change "
+            "is recorded in RUN_DIR/config_history.yaml), or start over with them."
         )
 
 

@@ -53,7 +53,7 @@ class Critics(nn.Module):
         self.n_agents = spec.n_agents
         self.n_out = 1 if self.shared else spec.n_agents
         self.net = AgentMLP(self.n_out, in_dim, 1, cfg.hidden, cfg.activation, cfg.share_params and not self.shared,
-                            cfg.agent_id, input_norm=cfg.input_norm)
+                            cfg.agent_id, input_norm=cfg.input_norm, layer_norm=cfg.layer_norm)
         self.norm = ValueNorm(self.n_out) if cfg.value_norm else None
 
     def inputs(self, state: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:

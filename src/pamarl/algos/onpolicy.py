@@ -62,6 +62,8 @@ class OnPolicyConfig(LearnerConfig):
     'shared': one centralised V(s) for the team, trained on the team reward (HARL's MAPPO/HAPPO/HATRPO/HAA2C)."""
     input_norm: bool = False
     """LayerNorm on the actor's and critics' inputs (HARL's use_feature_normalization)."""
+    layer_norm: bool = False
+    """LayerNorm after every hidden layer of the actor and critics (HARL's MLP layers always have it)."""
     lr_anneal: bool = False
     """Decay learning rates linearly to 0 over training."""
     log_std_init: float = -0.5
@@ -102,7 +104,8 @@ class OnPolicyAlgorithm(Algorithm):
                              "cooperative task)")
         self.n = spec.n_agents
         self.actor = Actor(spec, cfg.hidden, cfg.activation, cfg.share_params, cfg.agent_id,
-                           cfg.log_std_init, cfg.state_dependent_std, cfg.squash, input_norm=cfg.input_norm).to(device)
+                           cfg.log_std_init, cfg.state_dependent_std, cfg.squash, input_norm=cfg.input_norm,
+                           layer_norm=cfg.layer_norm).to(device)
         self.critic = Critics(spec, cfg).to(device)
         self.cost_critic = Critics(spec, cfg).to(device) if (self.uses_cost and spec.has_cost) else None
         groups = 1 if cfg.share_params else self.n

@@ -36,6 +36,11 @@ BUILTIN = {
     "iql": "pamarl.algos.iql",
     "vdn": "pamarl.algos.vdn",
     "qmix": "pamarl.algos.qmix",
+    "dqn_avg": "pamarl.algos.dqn_avg",
+    "mfq": "pamarl.algos.mfq",
+    "il": "pamarl.algos.il",
+    "mfac": "pamarl.algos.mfac",
+    "ac": "pamarl.algos.ac",
 }
 
 

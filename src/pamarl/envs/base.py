@@ -30,6 +30,21 @@ ActionKind = Literal["discrete", "continuous"]
 
 
 @dataclass(frozen=True)
+class ObsLayout:
+    """How a flat observation vector is laid out, for networks that need its structure (MAgent grids).
+
+    The vector is ``[view (H * W * C, row-major H, W, C), features (F), then, with ``grid``, the agent's
+    map position (x / grid, y / grid)]``. Conv encoders read the view; the mean-field radius mode reads
+    the position (``round(v * grid)`` recovers the cell).
+    """
+
+    view: tuple[int, int, int]
+    features: int = 0
+    grid: int = 0
+    """Map side in cells when the last two entries are the position (0: no position)."""
+
+
+@dataclass(frozen=True)
 class EnvSpec:
     """Static description of a task: sizes, action spaces and capabilities."""
 
@@ -52,6 +67,8 @@ class EnvSpec:
     cooperative: bool = True
     """The learning agents share one goal. On such tasks the run's ``reward=auto`` means ``team`` (every
     agent trains on the sum of the agents' rewards); on mixed tasks it means ``individual``."""
+    obs_layout: ObsLayout | None = None
+    """Structure of the observation vector (None: a plain feature vector)."""
 
     def __post_init__(self) -> None:
         n = len(self.agent_ids)

@@ -15,6 +15,7 @@ from typing import Any
 from pamarl.envs.pettingzoo import PettingZooEnv
 from pamarl.envs.registry import EnvFamily, register_family
 from pamarl.errors import UsageError
+from pamarl.validation import Rule
 
 
 def _import_factory(path: str) -> Callable[..., Any]:
@@ -61,5 +62,7 @@ register_family(
         tasks={"<module>:<factory>": "e.g. pettingzoo/mpe2.simple_spread_v3:parallel_env?N=2"},
         open_tasks=True,
         make_single=make_generic,
+        runs_code=True,
+        params={"agents": Rule(str), "state": Rule(str)},
     )
 )

@@ -93,6 +93,7 @@ from pamarl.envs.base import EnvStep
 from pamarl.envs.pettingzoo import PettingZooEnv
 from pamarl.envs.registry import EnvFamily, register_family
 from pamarl.errors import UsageError
+from pamarl.validation import Rule
 
 _log = logging.getLogger(__name__)
 # gymnasium-robotics prints notices about unrelated envs (Adroit reward changes) to stderr on import;
@@ -461,6 +462,10 @@ def make_safe_mamujoco(task: str, seed: int | None = None, **params: Any) -> MaM
     return MaMuJoCoEnv(task, safe=True, seed=seed, **params)
 
 
+PARAMS = {"agent_obsk": Rule(int, ge=0), "episode_limit": Rule(int, ge=1),
+          "state": Rule(str, choices=("env", "concat"))}
+"""Id parameters and their ranges (:mod:`pamarl.validation`); other parameters go to Gymnasium unchecked."""
+
 register_family(
     EnvFamily(
         name="mamujoco",
@@ -469,6 +474,7 @@ register_family(
         open_tasks=True,
         make_single=make_mamujoco,
         extra="mujoco",
+        params=PARAMS,
     )
 )
 register_family(
@@ -482,6 +488,7 @@ register_family(
         open_tasks=True,
         make_single=make_safe_mamujoco,
         extra="mujoco",
+        params={**PARAMS, "velocity_threshold": Rule(float, gt=0.0)},
         default_cost_limit=DEFAULT_COST_LIMIT,
         # The same 2.5 % of the steps when ?episode_limit= shortens the episode.
         cost_limit_for=lambda params: scaled_cost_limit(int(params.get("episode_limit", DEFAULT_EPISODE_LIMIT))),

@@ -21,6 +21,7 @@ import torch
 from pamarl.envs.base import BatchedEnv, BatchObs, BatchStep, EnvSpec, EpisodeStats
 from pamarl.envs.registry import EnvFamily, register_family
 from pamarl.errors import UsageError
+from pamarl.validation import Rule
 
 CLIMBING = [[11.0, -30.0, 0.0], [-30.0, 7.0, 6.0], [0.0, 0.0, 5.0]]
 
@@ -142,5 +143,7 @@ register_family(
             "penalty": "penalty game, k=-100 by default (optima 10 at (0,0) and (2,2); scaled by the largest |payoff|)",
         },
         make_batched=make_matrix,
+        params={"steps": Rule(int, ge=1), "scale": Rule(float, gt=0.0, optional=True),
+                "n": Rule(int, ge=2, optional=True), "k": Rule(float)},
     )
 )

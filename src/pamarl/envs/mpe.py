@@ -19,6 +19,7 @@ from pamarl.envs.base import EnvObs, EnvStep
 from pamarl.envs.pettingzoo import PettingZooEnv, random_policy
 from pamarl.envs.registry import EnvFamily, register_family
 from pamarl.errors import UsageError
+from pamarl.validation import Rule
 
 TASKS = {
     "simple_spread_v3": "N agents cover N landmarks, avoiding collisions (cooperative)",
@@ -146,11 +147,23 @@ def make_mpe(task: str, seed: int | None = None, continuous: bool = False, prey:
     )
 
 
+_count = Rule(int, ge=1)
+PARAMS = {
+    "continuous": Rule(bool), "fast": Rule(bool), "prey": Rule(str, choices=("flee", "random")),
+    "N": _count, "num_good": _count, "num_adversaries": _count, "max_cycles": _count,
+    "num_obstacles": Rule(int, ge=0), "num_food": Rule(int, ge=0), "num_forests": Rule(int, ge=0),
+    "local_ratio": Rule(float, ge=0.0, le=1.0), "dynamic_rescaling": Rule(bool), "benchmark_data": Rule(bool),
+    "curriculum": Rule(bool), "terminate_on_success": Rule(bool),
+    "num_agent_neighbors": Rule(int, ge=0, optional=True), "num_landmark_neighbors": Rule(int, ge=0, optional=True),
+}
+"""Id parameters and their ranges (:mod:`pamarl.validation`); mpe2 refuses the ones a task does not take."""
+
 register_family(
     EnvFamily(
         name="mpe",
         description="PettingZoo Multi-Particle Environments (mpe2); add ?continuous=true for Box actions",
         tasks=TASKS,
         make_single=make_mpe,
+        params=PARAMS,
     )
 )

@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl
 import yaml
 
 from pamarl.errors import UsageError
+from pamarl.validation import Rule, check_params
 
 if TYPE_CHECKING:
     from pamarl.envs.base import BatchedEnv, MultiAgentEnv
@@ -56,6 +57,12 @@ class EnvFamily:
     """The default cost limit for given id parameters (e.g. scaled to ``?episode_limit=``); wins over
     ``default_cost_limit`` when set."""
 
+    params: dict[str, Rule] = field(default_factory=dict)
+    """Type and range of the known ``?key=value`` parameters (:mod:`pamarl.validation`); others pass as given."""
+    runs_code: bool = False
+    """The task names a Python callable that is imported and run: such ids are never taken from a file
+    without the user's say-so (:func:`check_trusted`)."""
+
     def cost_limit(self, params: dict[str, Any]) -> float | None:
         """The default per-episode cost limit of a task with these id parameters (None: no default)."""
         if self.cost_limit_for is not None:
@@ -73,6 +80,7 @@ _BUILTIN_MODULES = {
     "pettingzoo": "pamarl.envs.generic",
     "mamujoco": "pamarl.envs.mamujoco",
     "safe-mamujoco": "pamarl.envs.mamujoco",
+    "magent2": "pamarl.envs.magent",
 }
 
 
@@ -157,7 +165,25 @@ def resolve(env_id: str) -> tuple[EnvFamily, str, dict[str, Any]]:
             f"unknown task {task!r} in env family {fam_name!r}.{_suggest(task, list(fam.tasks))} "
             f"Known tasks: {', '.join(sorted(fam.tasks))}"
         )
-    return fam, task, params
+    return fam, task, check_params(params, fam.params, env_id)
+
+
+def check_trusted(env_id: str, source: str, restated: str | None = None, trust: bool = False) -> None:
+    """Refuse an env id read from ``source`` (a file) that would import and run Python code.
+
+    Such an id (``pettingzoo/<module>:<callable>``) is accepted only when the user re-states it on the
+    command line (``restated``, e.g. ``--env``) or trusts the file (``trust``, ``--trust-env-code``).
+    Other ids build envs from the installed families only and pass.
+    """
+    fam_name = parse_env_id(env_id)[0]
+    fam = _load(fam_name)
+    if fam is None or not fam.runs_code or trust or restated == env_id:
+        return
+    raise UsageError(
+        f"{source} names the env {env_id!r}, which imports and runs Python code ({fam_name}/<module>:<callable>). "
+        "Nothing read from a run directory, checkpoint or comparison folder runs code unasked: re-state the env "
+        f"on the command line (--env '{env_id}') or pass --trust-env-code if you trust where the file came from"
+    )
 
 
 def missing_extra(env_id: str) -> str | None:
@@ -174,7 +200,8 @@ def missing_extra(env_id: str) -> str | None:
 
 
 def _extra_of(family: str) -> str:
-    return {"mamujoco": "mujoco", "safe-mamujoco": "mujoco", "magent": "magent"}.get(family, family)
+    extras = {"mamujoco": "mujoco", "safe-mamujoco": "mujoco", "magent": "magent", "magent2": "magent"}
+    return extras.get(family, family)
 
 
 def _make_single(family: str, task: str, params: dict[str, Any], seed: int | None) -> MultiAgentEnv:
@@ -194,6 +221,7 @@ def make_env(
     workers: int = 0,
     seed: int | None = None,
     device: str = "cpu",
+    backend: str = "local",
     **overrides: Any,
 ) -> BatchedEnv:
     """Build ``num_envs`` copies of the task ``env_id`` as one :class:`BatchedEnv`.
@@ -201,7 +229,8 @@ def make_env(
     Args:
         env_id: ``family/task?param=value&...``.
         num_envs: parallel copies ``E``.
-        workers: 0 steps the copies in this process; ``W > 0`` in ``W`` subprocesses.
+        workers: 0 steps the copies in this process; ``W > 0`` in ``W`` subprocesses (``backend="local"``)
+            or ``W`` Ray actors (``backend="ray"``, :mod:`pamarl.distributed.ray_env`).
         seed: construction seed (copies are re-seeded on ``reset(seed)``).
         overrides: extra env parameters, merged over the id's query parameters.
     """
@@ -220,6 +249,12 @@ def make_env(
         functools.partial(_make_single, fam.name, task, params, None if seed is None else seed + i)
         for i in range(num_envs)
     ]
+    if backend not in ("local", "ray"):
+        raise UsageError(f"env_backend must be 'local' or 'ray', got {backend!r}")
     if workers > 0:
         fns[0]().close()  # fail fast here on a bad parameter, with a clear message, before spawning
+        if backend == "ray":
+            from pamarl.distributed.ray_env import RayVectorEnv
+
+            return RayVectorEnv(fns, workers=workers)
     return VectorEnv(fns, workers=workers)

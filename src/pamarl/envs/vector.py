@@ -97,6 +97,11 @@ class EnvGroup:
 
 
 def _worker(conn: Connection, env_fns: Sequence[EnvFn]) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent decides when to stop (after writing a
+    # checkpoint) and closes the workers; a worker dying on its own would only lose that checkpoint.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         group = EnvGroup(env_fns)
     except BaseException as e:  # report construction errors to the parent instead of hanging

@@ -31,10 +31,12 @@ def _init_linear(layer: nn.Linear, gain: float) -> nn.Linear:
 
 class _MLP(nn.Module):
     def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, out_gain: float, act_gain: float,
-                 input_norm: bool = False):
+                 input_norm: bool = False, layer_norm: bool = False):
         super().__init__()
         # HARL's use_feature_normalization: LayerNorm (with its own affine) on the raw input.
         self.norm = nn.LayerNorm(in_dim) if input_norm else None
+        # HARL's MLPLayer: Linear -> activation -> LayerNorm for every hidden layer.
+        self.hidden_norms = nn.ModuleList(nn.LayerNorm(h) for h in hidden) if layer_norm else None
         dims = [in_dim, *hidden]
         self.layers = nn.ModuleList(_init_linear(nn.Linear(a, b), act_gain) for a, b in zip(dims[:-1], dims[1:]))
         self.layers.append(_init_linear(nn.Linear(dims[-1], out_dim), out_gain))
@@ -52,6 +54,7 @@ class AgentMLP(nn.Module):
             tell agents apart.
         out_gain: orthogonal-init gain of the output layer (0.01 for policy logits, 1 for values).
         input_norm: LayerNorm on the inputs, one per agent network (HARL's ``use_feature_normalization``).
+        layer_norm: LayerNorm after every hidden activation (HARL's MLP layers).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class AgentMLP(nn.Module):
         agent_id: bool = False,
         out_gain: float = 1.0,
         input_norm: bool = False,
+        layer_norm: bool = False,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -77,7 +81,9 @@ class AgentMLP(nn.Module):
         real_in = in_dim + (n_agents if self.agent_id else 0)
         n_nets = 1 if shared else n_agents
         self.input_norm = input_norm
-        self.nets = nn.ModuleList(_MLP(real_in, hidden, out_dim, out_gain, gain, input_norm) for _ in range(n_nets))
+        self.layer_norm = layer_norm
+        self.nets = nn.ModuleList(_MLP(real_in, hidden, out_dim, out_gain, gain, input_norm, layer_norm)
+                                  for _ in range(n_nets))
         self.n_layers = len(hidden) + 1
         self._cache: dict[tuple[int, ...], tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
@@ -115,6 +121,14 @@ class AgentMLP(nn.Module):
             self._cache[key] = cached
         return cached[1]
 
+    @staticmethod
+    def _agent_layer_norm(h: torch.Tensor, norms: list[nn.LayerNorm]) -> torch.Tensor:
+        """LayerNorm of ``[k, B, d]`` with each agent's own scale and shift (normalise, then ``[k, 1, d]`` affine)."""
+        h = nn.functional.layer_norm(h, h.shape[-1:], eps=norms[0].eps)
+        g = torch.stack([n.weight for n in norms]).unsqueeze(1)
+        b = torch.stack([n.bias for n in norms]).unsqueeze(1)
+        return torch.addcmul(b, h, g)
+
     def forward(self, x: torch.Tensor, agents: Sequence[int] | None = None) -> torch.Tensor:
         """``x``: ``[..., k, in]`` for the ``k`` agents in ``agents`` (default: all) -> ``[..., k, out]``."""
         idx = list(range(self.n_agents)) if agents is None else list(agents)
@@ -125,32 +139,26 @@ class AgentMLP(nn.Module):
         if self.agent_id:
             eye = torch.eye(self.n_agents, dtype=x.dtype, device=x.device)[idx]
             x = torch.cat([x, eye.expand(*lead, k, self.n_agents)], -1)
-        if self.shared:
-            net = self._net(0)
+        if self.shared or k == 1:  # one network: plain modules, no stacking
+            net = self._net(0 if self.shared else idx[0])
             h = x if net.norm is None else net.norm(x)
             for j, layer in enumerate(net.layers):
                 h = layer(h)
                 if j < self.n_layers - 1:
                     h = self.act(h)
+                    if net.hidden_norms is not None:
+                        h = net.hidden_norms[j](h)
             return h
         h = x.reshape(-1, k, x.shape[-1]).transpose(0, 1)  # [k, B, in]
         if self.input_norm:
-            # Normalise without affine, then each agent's own LayerNorm scale and shift ([k, 1, in]).
-            h = nn.functional.layer_norm(h, h.shape[-1:], eps=self._net(idx[0]).norm.eps)  # type: ignore[union-attr]
-            g = torch.stack([self._net(i).norm.weight for i in idx]).unsqueeze(1)  # type: ignore[union-attr]
-            b = torch.stack([self._net(i).norm.bias for i in idx]).unsqueeze(1)  # type: ignore[union-attr]
-            h = torch.addcmul(b, h, g)
-        if k == 1:  # a single agent: plain linear layers, no stacking
-            net = self._net(idx[0])
-            for j, layer in enumerate(net.layers):
-                h = layer(h)
-                if j < self.n_layers - 1:
-                    h = self.act(h)
-        else:
-            stacks = self._stacks(idx)
-            for j in range(self.n_layers):
-                w, b = stacks[j]  # [k, in, out], [k, 1, out]
-                h = torch.baddbmm(b, h, w)
-                if j < self.n_layers - 1:
-                    h = self.act(h)
+            h = self._agent_layer_norm(h, [cast(nn.LayerNorm, self._net(i).norm) for i in idx])
+        stacks = self._stacks(idx)
+        for j in range(self.n_layers):
+            w, b = stacks[j]  # [k, in, out], [k, 1, out]
+            h = torch.baddbmm(b, h, w)
+            if j < self.n_layers - 1:
+                h = self.act(h)
+                if self.layer_norm:
+                    h = self._agent_layer_norm(
+                        h, [cast(nn.LayerNorm, cast(nn.ModuleList, self._net(i).hidden_norms)[j]) for i in idx])
         return h.transpose(0, 1).reshape(*lead, k, h.shape[-1])

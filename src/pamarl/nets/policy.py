@@ -41,6 +41,7 @@ class Actor(nn.Module):
         state_dependent_std: bool = False,
         squash: str = "clip",
         input_norm: bool = False,
+        layer_norm: bool = False,
     ):
         super().__init__()
         if squash not in ("clip", "tanh"):
@@ -53,7 +54,7 @@ class Actor(nn.Module):
         self.squash = squash
         out = spec.act_dim * (2 if self.state_dependent_std else 1)
         self.body = AgentMLP(spec.n_agents, spec.obs_dim, out, hidden, activation, shared, agent_id, out_gain=0.01,
-                             input_norm=input_norm)
+                             input_norm=input_norm, layer_norm=layer_norm)
         if not spec.discrete and not self.state_dependent_std:
             n = 1 if shared else spec.n_agents
             self.log_std = nn.ParameterList(

@@ -1,0 +1,185 @@
+"""MF-AC: mean-field actor-critic (Yang et al. 2018, arXiv 1802.05438, Sec. 3.2 and Algorithm 2).
+
+A team-shared actor ``pi_theta(a | o)`` and a team-shared critic ``Q_phi(o, a, mean_a)`` -- the same network
+shape as MF-Q's (:class:`pamarl.nets.meanfield.MeanFieldNet`). On-policy, like the authors' code: every
+runner iteration learns from the agent transitions it just collected, then forgets them.
+
+* critic: ``(Q_phi(o, a, mean_a) - y)^2`` with ``y = r + gamma (1 - done) v^MF(o')`` and
+  ``v^MF(o') = sum_a pi_theta(a | o') Q_phi(o', a, mean_a')`` (eq. 10 with the actor as the policy);
+* actor (the paper's policy gradient ``grad log pi_theta(a | o) Q_phi(o, a, mean_a)``), with the baseline
+  ``V(o) = sum_b pi(b | o) Q_phi(o, b, mean_a)`` subtracted to reduce variance and an entropy bonus:
+  ``-(log pi(a | o) (Q(o, a, mean_a) - V(o))) - ent_coef H(pi(. | o))``.
+
+Deaths are terminal transitions (kept). Acting samples from the actor; evaluation takes its argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from pamarl.algos.base import ActOut, Algorithm, LearnerConfig, Metrics, Progress
+from pamarl.algos.common import adam
+from pamarl.algos.meanfield import MeanActionTracker, agent_rows, mf_target, mf_value
+from pamarl.algos.registry import register
+from pamarl.buffers.agent_replay import AgentReplay
+from pamarl.config import TrainConfig
+from pamarl.envs.base import BatchObs, BatchStep, EnvSpec
+from pamarl.errors import TrainingError, UsageError
+from pamarl.nets.meanfield import MeanFieldNet
+
+
+@dataclass
+class MFACConfig(LearnerConfig):
+    """Hyperparameters of MF-AC and AC (parameters are always shared across the team)."""
+
+    lr: float = 1e-4
+    """Adam learning rate of actor and critic (the authors' 1e-4)."""
+    gamma: float = 0.95
+    """Discount factor."""
+    value_coef: float = 0.1
+    """Weight of the critic loss in the joint loss (the authors' 0.1)."""
+    ent_coef: float = 0.08
+    """Entropy bonus weight (the authors' 0.08)."""
+    chunk: int = 4096
+    """Agent transitions per backward pass (gradients are accumulated; one optimiser step per iteration)."""
+    neighbourhood: str = "team"
+    """Whose actions make the mean action: 'team' or 'radius'."""
+    radius: int = 6
+    """Chebyshev radius in grid cells of neighbourhood=radius."""
+    conv_channels: tuple[int, ...] = (32, 32)
+    """3x3 conv layers of the view encoders (grid tasks)."""
+    embed: int = 128
+    """Width of the observation embedding."""
+    mean_embed: int = 64
+    """Width of the mean-action embedding (critic)."""
+    hidden: tuple[int, ...] = (64,)
+    """Hidden layers of the heads."""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.gamma <= 1.0 or self.chunk < 1 or self.ent_coef < 0 or self.value_coef < 0:
+            raise UsageError("gamma must lie in [0, 1]; chunk >= 1; ent_coef, value_coef >= 0")
+        if self.neighbourhood not in ("team", "radius"):
+            raise UsageError(f"neighbourhood must be 'team' or 'radius', got {self.neighbourhood!r}")
+
+
+@register
+class MFAC(Algorithm):
+    """Mean-field actor-critic with team-shared actor and critic."""
+
+    name = "mfac"
+    homogeneous_agents_only = True
+    Config = MFACConfig
+    action_kinds = ("discrete",)
+    paper = "Yang et al. 2018, Mean Field Multi-Agent Reinforcement Learning (MF-AC)"
+    mean_action: ClassVar[bool] = True
+    """The critic takes the neighbours' mean action (False: the AC baseline)."""
+    cfg: MFACConfig
+
+    def __init__(self, spec: EnvSpec, cfg: MFACConfig, run: TrainConfig, device: torch.device):
+        super().__init__(spec, cfg, run, device)
+        A = spec.act_dim
+        self.mean_dim = A if self.mean_action else 0
+        lay = spec.obs_layout
+        self.actor = MeanFieldNet(spec.obs_dim, A, lay, 0, cfg.conv_channels, cfg.embed, cfg.mean_embed,
+                                  cfg.hidden).to(device)
+        self.critic = MeanFieldNet(spec.obs_dim, A, lay, self.mean_dim, cfg.conv_channels, cfg.embed, cfg.mean_embed,
+                                   cfg.hidden).to(device)
+        self.params = list(self.actor.parameters()) + list(self.critic.parameters())
+        self.opt = adam(self.params, cfg.lr, cfg.adam_eps)
+        self.tracker = MeanActionTracker(spec, cfg.neighbourhood, cfg.radius) if self.mean_action else None
+        self._mean: torch.Tensor | None = None
+        cap = max(1, run.num_envs * run.rollout_len * spec.n_agents)
+        self.batch = AgentReplay(cap, spec.obs_dim, A, self.mean_dim, device, torch.float32)
+        self.env_steps = 0
+        self.updates = 0
+
+    @torch.no_grad()
+    def act(self, obs: BatchObs, explore: bool = True) -> ActOut:
+        o = obs.obs.to(self.device)
+        mean = self.tracker.current(obs, not self.evaluating, self.device) if self.tracker is not None else None
+        logits = self.actor(o).masked_fill(~obs.action_mask.to(self.device), -1e9)
+        if explore:
+            flat = torch.softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu()
+            a = torch.multinomial(flat, 1, generator=self.generator).reshape(logits.shape[:-1]).to(self.device)
+        else:
+            a = logits.argmax(-1)
+        if self.tracker is not None:
+            self.tracker.record(a, obs, not self.evaluating)
+        if not self.evaluating:
+            self._mean = mean  # stored with the transition by observe, which the runner calls next
+        return ActOut(env_action=a.cpu(), action=a)
+
+    def observe(self, obs: BatchObs, out: ActOut, step: BatchStep) -> None:
+        self.batch.add(agent_rows(obs, out.action, self._mean, step, self.tracker, self.device))
+        self.env_steps += obs.obs.shape[0]
+
+    def reset_rollout(self) -> None:
+        if self.tracker is not None:
+            self.tracker.reset()
+
+    def losses(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Joint loss ``actor + value_coef * critic`` (means over the rows of ``b``)."""
+        logits = self.actor(b["obs"])
+        logp_all = torch.log_softmax(logits, -1)
+        pi = logp_all.exp()
+        q_all = self.critic(b["obs"], b["mean"])
+        q = q_all.gather(-1, b["action"].unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            nl = self.actor(b["next_obs"]).masked_fill(~b["next_mask"], -1e9)
+            v_next = mf_value(torch.softmax(nl, -1), self.critic(b["next_obs"], b["next_mean"]))
+            y = mf_target(b["reward"], b["done"], v_next, self.cfg.gamma)
+            adv = q.detach() - mf_value(pi.detach(), q_all.detach())
+        critic_loss = (q - y).pow(2).mean()
+        entropy = -(pi * logp_all).sum(-1).mean()
+        logp = logp_all.gather(-1, b["action"].unsqueeze(-1)).squeeze(-1)
+        actor_loss = -(logp * adv).mean() - self.cfg.ent_coef * entropy
+        loss = actor_loss + self.cfg.value_coef * critic_loss
+        return loss, {"loss/actor": actor_loss.detach(), "loss/critic": critic_loss.detach(),
+                      "train/entropy": entropy.detach(), "train/q_taken": q.mean().detach()}
+
+    def update(self, progress: Progress) -> Metrics:
+        n = len(self.batch)
+        if n == 0:
+            return {}
+        data = self.batch.newest(n)
+        self.opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for s in range(0, n, self.cfg.chunk):
+            part = {k: v[s:s + self.cfg.chunk] for k, v in data.items()}
+            w = part["action"].shape[0] / n
+            loss, m = self.losses(part)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{self.name} loss became NaN/inf; lower lr and restart")
+            (loss * w).backward()
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm) if self.cfg.max_grad_norm > 0 \
+            else torch.zeros(())
+        self.opt.step()
+        self.batch.clear()
+        self.updates += 1
+        return {**sums, "train/grad_norm": float(norm), "train/agent_transitions": float(n),
+                "train/batch_mb": self.batch.nbytes() / 2**20, "train/updates": float(self.updates)}
+
+    def policy_state_dict(self) -> dict[str, Any]:
+        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict()}
+
+    def load_policy_state_dict(self, state: dict[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.policy_state_dict(), "opt": self.opt.state_dict(),
+                "counters": {"env_steps": self.env_steps, "updates": self.updates}, "rng": self._rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_policy_state_dict(state)
+        self.opt.load_state_dict(state["opt"])
+        self.env_steps, self.updates = int(state["counters"]["env_steps"]), int(state["counters"]["updates"])
+        self._load_rng_state(state["rng"])
+        self.batch.clear()
+        self.reset_rollout()
+

@@ -1,0 +1,285 @@
+"""``pamarl battle``: a cross-play tournament of trained models and baselines on MAgent2 battles.
+
+Entrants are ``random``, ``script`` (attack the weakest enemy in range, else close in) or ``NAME=RUN_DIR``
+(a trained pamarl run; its ``checkpoints/final.pt``). Every ordered pair (A, B) with A != B plays
+``--episodes`` episodes per seed, A as the env's learning team and B as its opponent; the env swaps the
+two sides (red/left, blue/right) between episodes, so each pairing is played from both sides. Models act
+greedily (``--sample``: sample from their policies).
+
+Win rule (:func:`pamarl.envs.magent.winner`): a side wins when the other is wiped out; at the step limit,
+the side with more survivors wins, then the one with more total HP; otherwise a draw (counted 0.5).
+Reported per pair: win rate, kills (enemies dead at the end), deaths, team return, each with a 95%
+interval over episodes (normal approximation, 1.96 standard errors; all seeds pooled, so the
+interval covers episode-to-episode and seed-to-seed variation together). Writes ``battle.csv`` (one row
+per episode), ``summary.csv`` and ``summary.md`` (one row per pair), ``winrate.png`` (matrix), and with
+``--render FILE.gif`` a recording of the first pair's first episode.
+
+Presets: ``--preset smoke`` (random vs script on a 20x20 map, seconds; run by the tests) and ``--preset
+paper`` (Yang et al. 2018: 64 v 64 on a 40x40 map, 2000 self-play rounds of up to 400 steps per algorithm
+for MF-Q, MF-AC, IL and AC, then cross-play). ``--preset paper`` prints the plan and its time, estimated
+from a short timed run of each algorithm on this machine; ``--train`` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pamarl.errors import UsageError
+
+PAPER_ENV = "magent2/battle_v4?map_size=40&max_cycles=400"
+PAPER_ALGOS = ("mfq", "mfac", "il", "ac")
+PAPER_ROUNDS = 2000
+SMOKE_ENV = "magent2/battle_v4?map_size=20&max_cycles=40"
+SMOKE_ENTRANTS = ("random", "script")
+SMOKE_EPISODES = 2
+
+
+@dataclasses.dataclass
+class Entrant:
+    name: str
+    kind: str  # random | script | model
+    path: str | None = None
+
+
+def parse_entrant(text: str) -> Entrant:
+    if text in ("random", "script"):
+        return Entrant(text, text)
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise UsageError(f"entrant {text!r}: write random, script or NAME=RUN_DIR")
+    if not Path(path).is_dir():
+        raise UsageError(f"entrant {name!r}: {path!r} is not a run directory")
+    return Entrant(name, "model", path)
+
+
+def mean_ci(x: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval (1.96 standard errors; 0 for one value)."""
+    a = np.asarray(x, np.float64)
+    if len(a) < 2:
+        return float(a.mean()) if len(a) else float("nan"), 0.0
+    return float(a.mean()), float(1.96 * a.std(ddof=1) / math.sqrt(len(a)))
+
+
+def _opponent_id(env_id: str, b: Entrant, sample: bool) -> str:
+    opp = f"checkpoint:{b.path}" if b.kind == "model" else b.kind
+    sep = "&" if "?" in env_id else "?"
+    return f"{env_id}{sep}opponent={opp}&opponent_explore={str(sample).lower()}"
+
+
+def play(env_id: str, a: Entrant, b: Entrant, episodes: int, seed: int, sample: bool = False,
+         render: str | None = None, max_steps: int = 1_000_000) -> list[dict[str, float]]:
+    """``episodes`` finished episodes of ``a`` (learning side) against ``b`` (opponent side)."""
+    from pamarl.envs.magent import MAgentEnv
+    from pamarl.envs.magent_opponents import Opponent, ScriptOpponent, load_policy
+    from pamarl.envs.registry import make_env
+
+    n_envs = 1 if render else max(1, min(episodes, 4))
+    env = make_env(_opponent_id(env_id, b, sample), num_envs=n_envs, seed=seed)
+    if not isinstance(env, MAgentEnv) or not env.two_teams:
+        raise UsageError(f"pamarl battle needs a two-team magent2 task, not {env_id!r}")
+    policy: Any = None
+    if a.kind == "model":
+        assert a.path is not None
+        policy = load_policy(a.path, env, role=0)
+    rand = Opponent(env)
+    script = ScriptOpponent(env, role=0)
+    frames: list[Any] = []
+    try:
+        obs = env.reset(seed=seed)
+        rand.seed(seed + 1)
+        for _ in range(max_steps):
+            if len(env.outcomes) >= episodes:
+                break
+            if policy is not None:
+                with torch.no_grad():
+                    act = policy.act(obs, explore=sample).env_action
+            elif a.kind == "script":
+                act = torch.as_tensor(script.act(env))
+            else:
+                act = torch.as_tensor(rand.rng.integers(0, env.n_actions, size=(env.num_envs, env.n)))
+            if render:
+                f = env.render(0)
+                if f is not None:
+                    frames.append(f)
+            obs = env.step(act).next
+            if render and env.outcomes:
+                break
+        out = env.outcomes[:episodes]
+    finally:
+        env.close()
+    if render:
+        import imageio.v2 as imageio
+
+        Path(render).parent.mkdir(parents=True, exist_ok=True)
+        imageio.mimsave(render, frames, duration=0.1, loop=0)
+    return [{**o, "seed": float(seed)} for o in out]
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    pairs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        pairs.setdefault((r["a"], r["b"]), []).append(r)
+    out = []
+    for (a, b), rs in pairs.items():
+        row: dict[str, Any] = {"a": a, "b": b, "episodes": len(rs)}
+        for key in ("win", "kills", "deaths", "return"):
+            m, h = mean_ci([float(r[key]) for r in rs])
+            row[key] = round(m, 4)
+            row[key + "_ci95"] = round(h, 4)
+        out.append(row)
+    return out
+
+
+def write_tables(out_dir: Path, rows: list[dict[str, Any]], summary: list[dict[str, Any]], env_id: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in (("battle.csv", rows), ("summary.csv", summary)):
+        with open(out_dir / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(data[0]))
+            w.writeheader()
+            w.writerows(data)
+    lines = [f"Cross-play on `{env_id}` (A plays the learning side, B the opponent; sides swap every episode; "
+             "95% intervals).", "", "| A | B | episodes | win rate of A | kills by A | deaths of A | return of A |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        lines.append(f"| {s['a']} | {s['b']} | {s['episodes']} | {s['win']:.2f} ± {s['win_ci95']:.2f} | "
+                     f"{s['kills']:.1f} ± {s['kills_ci95']:.1f} | {s['deaths']:.1f} ± {s['deaths_ci95']:.1f} | "
+                     f"{s['return']:.1f} ± {s['return_ci95']:.1f} |")
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_matrix(out_dir: Path, names: list[str], summary: list[dict[str, Any]]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    m = np.full((len(names), len(names)), np.nan)
+    for s in summary:
+        m[names.index(s["a"]), names.index(s["b"])] = s["win"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.0 * len(names) + 1.5))
+    im = ax.imshow(m, vmin=0, vmax=1, cmap="RdBu")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("opponent (B)")
+    ax.set_ylabel("player (A)")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if not np.isnan(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center")
+    fig.colorbar(im, label="win rate of A")
+    fig.tight_layout()
+    path = out_dir / "winrate.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def tournament(env_id: str, entrants: list[Entrant], episodes: int, seeds: list[int], out_dir: Path,
+               sample: bool = False, render: str | None = None, quiet: bool = False) -> list[dict[str, Any]]:
+    if len(entrants) < 2:
+        raise UsageError("a tournament needs at least two entrants")
+    names = [e.name for e in entrants]
+    if len(set(names)) != len(names):
+        raise UsageError(f"entrant names must differ: {names}")
+    rows: list[dict[str, Any]] = []
+    for a in entrants:
+        for b in entrants:
+            if a is b:
+                continue
+            for s in seeds:
+                t0 = time.perf_counter()
+                res = play(env_id, a, b, episodes, s, sample)
+                rows += [{"a": a.name, "b": b.name, **r} for r in res]
+                if not quiet:
+                    print(f"{a.name} vs {b.name} seed {s}: win {np.mean([r['win'] for r in res]):.2f} "
+                          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    summary = summarise(rows)
+    write_tables(out_dir, rows, summary, env_id)
+    plot_matrix(out_dir, names, summary)
+    if render:
+        play(env_id, entrants[0], entrants[1], 1, seeds[0], sample, render=render)
+    return summary
+
+
+def paper_plan(out_root: Path, probe_steps: int = 400) -> tuple[list[list[str]], float]:
+    """The paper preset's training commands and its estimated hours, from ``probe_steps`` timed steps per
+    algorithm (self-play on the paper's map)."""
+    from pamarl.config import TrainConfig
+    from pamarl.runner import train
+
+    env = PAPER_ENV + "&opponent=self"
+    steps = PAPER_ROUNDS * 400  # upper bound: every round runs to the step limit
+    cmds, secs = [], 0.0
+    for algo in PAPER_ALGOS:
+        cmds.append(["pamarl", "train", "--algo", algo, "--env", env, f"steps={steps}", "num_envs=1",
+                     "rollout_len=400", f"run_dir={out_root / algo}", "eval_every=0", "checkpoint_every=25"])
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            run = TrainConfig(algo=algo, env=env, steps=probe_steps, num_envs=1, rollout_len=min(400, probe_steps),
+                              eval_every=0, eval_episodes=1, progress=False, tensorboard=False, run_dir=tmp)
+            res = train(run, quiet=True)
+        secs += steps / max(res.steps_per_s, 1e-9)
+    return cmds, secs / 3600
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pamarl battle", description=(__doc__ or "").splitlines()[0])
+    p.add_argument("entrants", nargs="*", help="random, script, or NAME=RUN_DIR")
+    p.add_argument("--env", default="magent2/battle_v4?map_size=40&max_cycles=400")
+    p.add_argument("--episodes", type=int, default=20, help="episodes per pair and seed")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated env seeds")
+    p.add_argument("--out", default="results/battle")
+    p.add_argument("--sample", action="store_true", help="models sample from their policies instead of acting greedily")
+    p.add_argument("--render", metavar="FILE.gif", help="also record the first pair's first episode")
+    p.add_argument("--preset", choices=["smoke", "paper"])
+    p.add_argument("--train", action="store_true", help="with --preset paper: run the training, then the cross-play")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.preset == "smoke":
+        tournament(SMOKE_ENV, [parse_entrant(e) for e in SMOKE_ENTRANTS], SMOKE_EPISODES, [1], out, args.sample,
+                   args.render)
+        print((out / "summary.md").read_text())
+        return 0
+    if args.preset == "paper":
+        cmds, hours = paper_plan(out / "runs")
+        print(f"paper preset: {len(PAPER_ALGOS)} algorithms x {PAPER_ROUNDS} self-play rounds of up to 400 steps on "
+              f"{PAPER_ENV}, then cross-play; estimated training time on this machine: {hours:.1f} h (one core each, "
+              "sequential; from a 400-step timed run of each algorithm just now, so other load on the machine "
+              "inflates it; rounds that end early make it shorter)")
+        for c in cmds:
+            print("  " + " ".join(f'"{x}"' if "?" in x else x for x in c))
+        if not args.train:
+            return 0
+        from pamarl.cli import main as cli_main
+
+        for c in cmds:
+            if cli_main(c[1:]) != 0:
+                return 1
+        entrants = [Entrant(a, "model", str(out / "runs" / a)) for a in PAPER_ALGOS] + [Entrant("random", "random")]
+        tournament(PAPER_ENV, entrants, args.episodes, [int(s) for s in args.seeds.split(",")], out, args.sample,
+                   args.render)
+        print((out / "summary.md").read_text())
+        return 0
+    if not args.entrants:
+        raise UsageError("name the entrants (random, script, NAME=RUN_DIR) or use --preset smoke|paper")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError as e:
+        raise UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from e
+    tournament(args.env, [parse_entrant(e) for e in args.entrants], args.episodes, seeds, out, args.sample,
+               args.render)
+    print((out / "summary.md").read_text())
+    return 0
