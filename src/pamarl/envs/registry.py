@@ -75,6 +75,7 @@ _FAMILIES: dict[str, EnvFamily] = {}
 # so that ids resolve without importing every simulator up front.
 _BUILTIN_MODULES = {
     "mpe": "pamarl.envs.mpe",
+    "mpe-torch": "pamarl.envs.mpe_torch",
     "matrix": "pamarl.envs.matrix",
     "pettingzoo": "pamarl.envs.generic",
     "mamujoco": "pamarl.envs.mamujoco",
