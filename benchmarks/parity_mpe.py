@@ -106,7 +106,7 @@ def pamarl_cmd(python: str, run: Run, steps: int) -> list[str]:
     options = [t for t in run.extra if t.startswith("-") or "=" not in t]
     keyvals = [t for t in run.extra if not (t.startswith("-") or "=" not in t)]
     return [python, "-m", "pamarl.cli", "train", "--algo", run.algo, "--env", run.env, "--steps", str(steps),
-            "--seed", str(run.seed), "--run-dir", str(run.run_dir), *options, f"num_envs={NUM_ENVS}",
+            "--seed", str(run.seed), "--run-dir", str(run.run_dir / "pamarl"), *options, f"num_envs={NUM_ENVS}",
             f"rollout_len={ROLLOUT_LEN}", "eval_every=0", "tensorboard=false", "progress=false", *keyvals]
 
 
@@ -121,7 +121,12 @@ Result = tuple[list[float], int]
 
 
 def last_pamarl(run_dir: Path) -> Result | None:
-    """A finished pamarl run's ``train/return_mean`` column (None: not finished)."""
+    """A finished pamarl run's ``train/return_mean`` column (None: not finished).
+
+    pamarl's own run directory is ``<run>/pamarl`` (pamarl refuses to start a run in a directory holding
+    other files, such as this script's ``run.json``); runs measured before that layout sit in ``<run>``."""
+    if (run_dir / "pamarl").is_dir():
+        run_dir = run_dir / "pamarl"
     if not (run_dir / "summary.json").is_file():
         return None
     with open(run_dir / "metrics.csv", newline="") as f:

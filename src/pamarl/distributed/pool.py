@@ -158,16 +158,17 @@ class RayPool(WorkerPool):
                 raise WorkerDied(i, "restarted with a fresh state") from e
             raise
 
-    def wait_alive(self, i: int, timeout: float = 60.0) -> None:
-        """Block until worker ``i`` answers again (Ray is restarting it)."""
-        from ray.exceptions import RayActorError
+    def wait_alive(self, i: int, timeout: float = 180.0) -> None:
+        """Block until worker ``i`` answers again (Ray is restarting it: a new process that imports torch, which
+        takes a minute or more on a loaded machine)."""
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         deadline = time.time() + timeout
         while True:
             try:
                 self._ray.get(self.actors[i].__ray_ready__.remote(), timeout=max(1.0, deadline - time.time()))
                 return
-            except RayActorError as e:
+            except (RayActorError, GetTimeoutError) as e:
                 if time.time() > deadline:
                     raise WorkerDied(i, f"not restarted within {timeout:.0f} s") from e
                 time.sleep(0.2)
