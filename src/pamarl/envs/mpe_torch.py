@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from pamarl.envs.base import BatchedEnv, BatchObs, BatchStep, EnvSpec, EpisodeStats
+from pamarl.envs.mpe import TASKS as MPE_TASKS
 from pamarl.envs.registry import EnvFamily, register_family
 from pamarl.errors import UsageError
 
@@ -251,13 +252,8 @@ SCENARIOS: dict[str, type[Scenario]] = {
     "simple_speaker_listener_v4": SpeakerListener,
     "simple_tag_v3": Tag,
 }
-TASKS = {
-    "simple_spread_v3": "N agents cover N landmarks, avoiding collisions (cooperative)",
-    "simple_reference_v3": "2 agents each guide the other to a landmark by communication",
-    "simple_speaker_listener_v4": "a speaker tells a listener which landmark to reach (heterogeneous)",
-    "simple_tag_v3": "predators (learning) chase a scripted prey among obstacles",
-    "simple_v3": "one agent reaches a landmark (sanity check)",
-}
+# The same tasks as the mpe2 family, described once there.
+TASKS = {name: MPE_TASKS[name] for name in SCENARIOS}
 
 
 class MPETorch(BatchedEnv):
