@@ -163,12 +163,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
+        from pamarl.validation import strict_bool
+
+        b = strict_bool(value)
+        if b is not None:
+            return b
         raise UsageError(f"config key {key!r}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, bool):

@@ -29,6 +29,18 @@ def _num(x: float | None) -> str:
     return str(int(x)) if x is not None and float(x).is_integer() else f"{x:g}"
 
 
+def strict_bool(value: Any) -> bool | None:
+    """YAML's true/false (and yes/no, 1/0 from the command line) as a bool; None for anything else
+    ('maybe' is an error for the caller to report)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    return None
+
+
 @dataclass(frozen=True)
 class Rule:
     """What one value may be. Bounds apply to numbers (to each element of a sequence)."""
@@ -86,13 +98,9 @@ class Rule:
         if self.kind is None:
             return value
         if self.kind is bool:
-            # Strict: YAML's true/false (and yes/no, 1/0 from the command line); 'maybe' is an error.
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
+            b = strict_bool(value)
+            if b is not None:
+                return b
         elif self.kind is int:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
