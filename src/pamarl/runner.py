@@ -186,11 +186,12 @@ def apply_reward_convention(step: BatchStep, convention: str) -> BatchStep:
     return dataclasses.replace(step, reward=r.sum(-1, keepdim=True).expand_as(r).contiguous())
 
 
-def _write_config(run_dir: Path, run: TrainConfig, algo_cfg: Any, spec: EnvSpec) -> None:
+def _write_config(run_dir: Path, run: TrainConfig, algo_cfg: Any, spec: EnvSpec, algo: Algorithm) -> None:
     doc = {
         "run": to_dict(run),
         "algo": to_dict(algo_cfg),
         "reward_convention": reward_convention(run, spec),
+        "resolved": algo.resolved(),
         "env_spec": {
             "agents": list(spec.agent_ids),
             "obs_dims": list(spec.obs_dims),
@@ -320,7 +321,7 @@ def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str
             np.random.set_state((np_state[0], np.array(state["rng"]["numpy"], dtype=np.uint32), *np_state[2:]))
             py = state["rng"]["python"]
             random.setstate((py[0], tuple(py[1]), py[2]))
-        _write_config(run_dir, run, algo_cfg, spec)
+        _write_config(run_dir, run, algo_cfg, spec, algo)
         if changes and state is not None:
             record_changes(run_dir, changes, it0, env_steps, str(checkpoint or ckpt_dir / "latest.pt"))
         logger = MetricsLogger(run_dir, run.tensorboard, resume_iteration=it0 if state is not None else None)

@@ -182,7 +182,7 @@ RULES: dict[str, Rule] = {
     "adv_norm": Rule(bool, resume=True),
     "critic_input": Rule(str, choices=("state", "obs", "state+obs"), resume=_NETS + " (the critic's input)"),
     "lr_anneal": Rule(bool, resume=True),
-    "critic": Rule(str, choices=("per_agent", "shared"), resume=_NETS + " (one team critic or one per agent)"),
+    "critic": Rule(str, choices=("auto", "per_agent", "shared"), resume=_NETS + " (one team critic or one per agent)"),
     "input_norm": Rule(bool, resume=_NETS + " (LayerNorm on their inputs)"),
     "log_std_init": Rule(float, resume="the policies' log std is a trained parameter in the checkpoint"),
     "state_dependent_std": Rule(bool, resume=_NETS),

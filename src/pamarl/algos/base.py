@@ -119,6 +119,10 @@ class Algorithm(ABC):
     shared_params_why: ClassVar[str] = ""
     """Why ``share_params=true`` is refused, for the error message."""
 
+    def resolved(self) -> dict[str, Any]:
+        """Settings whose ``auto`` value this run resolved (written to config.yaml under ``resolved:``)."""
+        return {}
+
     @property
     def team_rewards(self) -> bool:
         """Whether every agent's reward is already the team's (``reward=team``, the runner's convention)."""

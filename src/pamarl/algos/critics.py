@@ -45,10 +45,10 @@ class Critics(nn.Module):
     update is the same for both.
     """
 
-    def __init__(self, spec: EnvSpec, cfg: OnPolicyConfig):
+    def __init__(self, spec: EnvSpec, cfg: OnPolicyConfig, shared: bool):
         super().__init__()
         self.mode = cfg.critic_input
-        self.shared = cfg.critic == "shared"
+        self.shared = shared
         in_dim = {"state": spec.state_dim, "obs": spec.obs_dim, "state+obs": spec.state_dim + spec.obs_dim}[self.mode]
         self.n_agents = spec.n_agents
         self.n_out = 1 if self.shared else spec.n_agents

@@ -57,12 +57,14 @@ class OnPolicyConfig(LearnerConfig):
     """Normalise advantages per agent over the batch."""
     critic_input: str = "state"
     """What V_i sees: 'state' (centralised), 'obs' (local, IPPO) or 'state+obs'."""
-    critic: str = "per_agent"
-    """'per_agent': one value function V_i per agent (pamarl's default; the progressive update needs it);
-    'shared': one centralised V(s) for the team, trained on the team reward (HARL's MAPPO/HAPPO/HATRPO/HAA2C)."""
-    input_norm: bool = False
-    """LayerNorm on the actor's and critics' inputs (HARL's use_feature_normalization)."""
-    layer_norm: bool = False
+    critic: str = "auto"
+    """'shared': one centralised V(s) for the team, trained on the team reward (HARL's MAPPO/HAPPO/HATRPO/HAA2C);
+    'per_agent': one value function V_i per agent (the progressive update needs it; so do individual rewards);
+    'auto' (default): 'shared' when the team reward is trained on (``reward=team``, or ``auto`` on a cooperative
+    task), the critic sees the global state and the algorithm does not read per-agent critics; else 'per_agent'."""
+    input_norm: bool = True
+    """LayerNorm on the actor's and critics' inputs (HARL's use_feature_normalization, on by default there)."""
+    layer_norm: bool = True
     """LayerNorm after every hidden layer of the actor and critics (HARL's MLP layers always have it)."""
     lr_anneal: bool = False
     """Decay learning rates linearly to 0 over training."""
@@ -76,8 +78,8 @@ class OnPolicyConfig(LearnerConfig):
     def validate(self) -> None:
         if self.critic_input not in ("state", "obs", "state+obs"):
             raise UsageError(f"critic_input must be 'state', 'obs' or 'state+obs', got {self.critic_input!r}")
-        if self.critic not in ("per_agent", "shared"):
-            raise UsageError(f"critic must be 'per_agent' or 'shared', got {self.critic!r}")
+        if self.critic not in ("auto", "per_agent", "shared"):
+            raise UsageError(f"critic must be 'auto', 'per_agent' or 'shared', got {self.critic!r}")
         if self.critic == "shared" and self.critic_input != "state":
             raise UsageError("critic=shared is one V(s) of the global state: it needs critic_input=state")
         if self.minibatches < 1 or self.epochs < 1 or self.critic_epochs < 0:
@@ -102,12 +104,15 @@ class OnPolicyAlgorithm(Algorithm):
         if cfg.critic == "shared" and not self.team_rewards and spec.n_agents > 1:
             raise UsageError("critic=shared learns one team value V(s): it needs reward=team (or reward=auto on a "
                              "cooperative task)")
+        self.critic_kind = self.resolve_critic(spec)
+        """The critic actually built: 'shared' or 'per_agent' (``critic=auto`` resolved)."""
         self.n = spec.n_agents
         self.actor = Actor(spec, cfg.hidden, cfg.activation, cfg.share_params, cfg.agent_id,
                            cfg.log_std_init, cfg.state_dependent_std, cfg.squash, input_norm=cfg.input_norm,
                            layer_norm=cfg.layer_norm).to(device)
-        self.critic = Critics(spec, cfg).to(device)
-        self.cost_critic = Critics(spec, cfg).to(device) if (self.uses_cost and spec.has_cost) else None
+        self.critic = Critics(spec, cfg, self.critic_kind == "shared").to(device)
+        # Costs are per agent under either reward convention (never summed), so cost critics stay per agent.
+        self.cost_critic = Critics(spec, cfg, False).to(device) if (self.uses_cost and spec.has_cost) else None
         groups = 1 if cfg.share_params else self.n
         # One optimiser per agent: a sequential phase steps only its agent's optimiser. Value and cost
         # critics have optimisers (and gradient clipping) of their own, so a large cost loss never
@@ -120,6 +125,17 @@ class OnPolicyAlgorithm(Algorithm):
         self.last_policy_loss = torch.zeros(self.n)
 
     # ------------------------------------------------------------------ helpers
+    def resolved(self) -> dict[str, Any]:
+        return {"critic": self.critic_kind}
+
+    def resolve_critic(self, spec: EnvSpec) -> str:
+        """``critic=auto`` -> 'shared' or 'per_agent' (see :attr:`OnPolicyConfig.critic`)."""
+        if self.cfg.critic != "auto":
+            return self.cfg.critic
+        shared = (self.team_rewards or spec.n_agents == 1) and self.cfg.critic_input == "state" \
+            and not self.needs_per_agent_critics
+        return "shared" if shared else "per_agent"
+
     def _critic_optimisers(self, critic: Critics) -> list[torch.optim.Optimizer]:
         return [torch.optim.Adam(critic.net.agent_parameters(i), lr=self.cfg.critic_lr, eps=self.cfg.adam_eps)
                 for i in range(critic.groups(self.cfg.share_params))]
