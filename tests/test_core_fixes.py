@@ -138,6 +138,16 @@ def test_input_and_hidden_layernorm_batched_equals_per_agent():
         assert torch.allclose(out[:, i], h, atol=1e-5)
     assert torch.allclose(net(x[:, [2, 0]], [2, 0]), out[:, [2, 0]], atol=1e-6)
     assert torch.allclose(net(x[:, [1]], [1]), out[:, [1]], atol=1e-6)
+    # Large batches take one 2-D product per agent: same outputs, same gradients as the batched product.
+    x.requires_grad_(True)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    net.loop_rows = 1
+    looped = net(x)
+    assert torch.allclose(looped, out, atol=1e-6)
+    looped.sum().backward()
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(net.parameters(), grads))
 
 
 # ---------------------------------------------------------------------- registry-generated runs

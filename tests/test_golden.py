@@ -219,7 +219,10 @@ def onpolicy_algo(name: str, spec: EnvSpec, reward: str = "individual", **cfg: A
     columns), ``team`` gives every agent the sum, as the runner does under either convention."""
     torch.manual_seed(0)
     cls = get_algorithm(name)
-    conf = cls.Config(**{"hidden": (5,), "epochs": 1, "minibatches": 1, "critic_epochs": 1, **cfg})
+    # Plain ReLU MLPs as in the papers' equations (HARL's LayerNorms, on by default, are pinned separately
+    # in test_core_fixes.py): the references below rebuild the networks from their nn.Linear layers.
+    conf = cls.Config(**{"hidden": (5,), "epochs": 1, "minibatches": 1, "critic_epochs": 1, "input_norm": False,
+                         "layer_norm": False, **cfg})
     conf.validate()
     return cls(spec, conf, TrainConfig(algo=name, num_envs=E, rollout_len=T, seed=0, reward=reward), CPU)
 

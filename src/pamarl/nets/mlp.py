@@ -85,6 +85,9 @@ class AgentMLP(nn.Module):
         self.nets = nn.ModuleList(_MLP(real_in, hidden, out_dim, out_gain, gain, input_norm, layer_norm)
                                   for _ in range(n_nets))
         self.n_layers = len(hidden) + 1
+        self._eps = 1e-5  # nn.LayerNorm's default, the eps of every norm built here
+        self.loop_rows = 4096
+        """Batches of at least this many rows go through one 2-D product per agent (see :meth:`forward`)."""
         self._cache: dict[tuple[int, ...], tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def _net(self, i: int) -> _MLP:
@@ -95,8 +98,21 @@ class AgentMLP(nn.Module):
         """Parameters that agent ``i``'s output depends on (all of them when shared)."""
         return list(self.nets[0 if self.shared else i].parameters())
 
+    def _norm_before(self, i: int, j: int) -> nn.LayerNorm | None:
+        """The LayerNorm whose output layer ``j`` of network ``i`` reads (input norm for ``j = 0``), if any."""
+        net = self._net(i)
+        if j == 0:
+            return net.norm
+        return None if net.hidden_norms is None else cast(nn.LayerNorm, net.hidden_norms[j - 1])
+
     def _stacks(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer stacked weights of the agents ``idx``.
+        """Per-layer weights ``[k, in, out]`` and biases ``[k, 1, out]`` of the networks ``idx``.
+
+        A LayerNorm's affine map is folded into the linear layer that reads it:
+        ``W (g * n + beta) + c = (W diag g) n + (W beta + c)``, so the batch only goes through a plain
+        normalisation; the per-agent scale and shift of ``[k, B, d]`` activations (and their backward)
+        cost more than a third of a MAPPO update before (profiled: mpe-torch simple_spread, 25,600
+        samples). Gradients reach ``g`` and ``beta`` through the fold.
 
         Without autograd (acting, every env step) the stacks are cached and rebuilt only when a
         parameter changed (its in-place version counter moved), which saves the copies per step.
@@ -105,11 +121,22 @@ class AgentMLP(nn.Module):
         and would leave acting on stale weights.
         """
         def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
-            return [
-                (torch.stack([self._net(i).linear(j).weight for i in idx]).transpose(1, 2),
-                 torch.stack([self._net(i).linear(j).bias for i in idx]).unsqueeze(1))
-                for j in range(self.n_layers)
-            ]
+            layers = []
+            for j in range(self.n_layers):
+                lin = [self._net(i).linear(j) for i in idx]
+                if len(idx) == 1:  # views, no copy
+                    w, b = lin[0].weight.t().unsqueeze(0), lin[0].bias.view(1, 1, -1)
+                else:
+                    w = torch.stack([m.weight for m in lin]).transpose(1, 2)
+                    b = torch.stack([m.bias for m in lin]).unsqueeze(1)
+                norms = [self._norm_before(i, j) for i in idx]
+                if norms[0] is not None:
+                    g = torch.stack([cast(nn.LayerNorm, n).weight for n in norms]).unsqueeze(-1)  # [k, in, 1]
+                    beta = torch.stack([cast(nn.LayerNorm, n).bias for n in norms]).unsqueeze(1)  # [k, 1, in]
+                    b = torch.baddbmm(b, beta, w)
+                    w = w * g
+                layers.append((w, b))
+            return layers
 
         if torch.is_grad_enabled():
             return build()
@@ -121,13 +148,9 @@ class AgentMLP(nn.Module):
             self._cache[key] = cached
         return cached[1]
 
-    @staticmethod
-    def _agent_layer_norm(h: torch.Tensor, norms: list[nn.LayerNorm]) -> torch.Tensor:
-        """LayerNorm of ``[k, B, d]`` with each agent's own scale and shift (normalise, then ``[k, 1, d]`` affine)."""
-        h = nn.functional.layer_norm(h, h.shape[-1:], eps=norms[0].eps)
-        g = torch.stack([n.weight for n in norms]).unsqueeze(1)
-        b = torch.stack([n.bias for n in norms]).unsqueeze(1)
-        return torch.addcmul(b, h, g)
+    def _normalise(self, h: torch.Tensor) -> torch.Tensor:
+        """LayerNorm without affine (the affine is folded into the next layer, :meth:`_stacks`)."""
+        return nn.functional.layer_norm(h, h.shape[-1:], eps=self._eps)
 
     def forward(self, x: torch.Tensor, agents: Sequence[int] | None = None) -> torch.Tensor:
         """``x``: ``[..., k, in]`` for the ``k`` agents in ``agents`` (default: all) -> ``[..., k, out]``."""
@@ -139,26 +162,29 @@ class AgentMLP(nn.Module):
         if self.agent_id:
             eye = torch.eye(self.n_agents, dtype=x.dtype, device=x.device)[idx]
             x = torch.cat([x, eye.expand(*lead, k, self.n_agents)], -1)
-        if self.shared or k == 1:  # one network: plain modules, no stacking
-            net = self._net(0 if self.shared else idx[0])
-            h = x if net.norm is None else net.norm(x)
-            for j, layer in enumerate(net.layers):
-                h = layer(h)
-                if j < self.n_layers - 1:
-                    h = self.act(h)
-                    if net.hidden_norms is not None:
-                        h = net.hidden_norms[j](h)
-            return h
-        h = x.reshape(-1, k, x.shape[-1]).transpose(0, 1)  # [k, B, in]
-        if self.input_norm:
-            h = self._agent_layer_norm(h, [cast(nn.LayerNorm, self._net(i).norm) for i in idx])
+        if self.shared or k == 1:  # one network: a plain matrix product over all rows
+            stacks = self._stacks([0 if self.shared else idx[0]])
+            h = self._mlp(x.reshape(-1, x.shape[-1]), [(w[0], b[0, 0]) for w, b in stacks])
+            return h.reshape(*lead, k, h.shape[-1])
         stacks = self._stacks(idx)
-        for j in range(self.n_layers):
-            w, b = stacks[j]  # [k, in, out], [k, 1, out]
-            h = torch.baddbmm(b, h, w)
+        xs = x.reshape(-1, k, x.shape[-1])
+        if xs.shape[0] >= self.loop_rows:
+            # Large batches (updates): one 2-D product per agent on its strided column of the input
+            # (gemm reads it in place) and LayerNorms over contiguous [B, d] rows; measured 1.4x faster
+            # than the batched product here (no [B, k] <-> [k, B] copies, activations that fit caches).
+            outs = [self._mlp(xs[:, a], [(w[a], b[a, 0]) for w, b in stacks]) for a in range(k)]
+            return torch.stack(outs, -2).reshape(*lead, k, -1)
+        h = self._mlp(xs.transpose(0, 1), stacks)  # [k, B, in]: one batched product per layer (acting)
+        return h.transpose(0, 1).reshape(*lead, k, h.shape[-1])
+
+    def _mlp(self, h: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The MLP on ``[B, in]`` with 2-D layers, or on ``[k, B, in]`` with stacked ``[k, in, out]`` ones."""
+        if self.input_norm:
+            h = self._normalise(h)
+        for j, (w, b) in enumerate(layers):
+            h = torch.addmm(b, h, w) if h.dim() == 2 else torch.baddbmm(b, h, w)
             if j < self.n_layers - 1:
                 h = self.act(h)
                 if self.layer_norm:
-                    h = self._agent_layer_norm(
-                        h, [cast(nn.LayerNorm, cast(nn.ModuleList, self._net(i).hidden_norms)[j]) for i in idx])
-        return h.transpose(0, 1).reshape(*lead, k, h.shape[-1])
+                    h = self._normalise(h)
+        return h
