@@ -58,6 +58,11 @@ class WorkerPool(ABC):
     def result(self, future: Any) -> Any:
         """The call's return value; :class:`WorkerDied` if the worker died during it."""
 
+    def put(self, value: Any) -> Any:
+        """``value`` as an argument to send to many workers: the value itself here; a Ray object ref (stored once,
+        read by every actor that gets it) in :class:`RayPool`."""
+        return value
+
     def call_all(self, method: str, args: Sequence[tuple[Any, ...]] | None = None,
                  workers: Sequence[int] | None = None) -> list[Any]:
         """Call ``method`` on every worker (or ``workers``) in parallel and return their results in order."""
@@ -131,6 +136,9 @@ class RayPool(WorkerPool):
                                          name=f"{name}-{i}" if name else None).remote(*a) for i, a in enumerate(args)]
         self.n = len(self.actors)
         self._index: dict[Any, int] = {}
+
+    def put(self, value: Any) -> Any:
+        return self._ray.put(value)
 
     def submit(self, i: int, method: str, *args: Any) -> Any:
         ref = getattr(self.actors[i], method).remote(*args)
