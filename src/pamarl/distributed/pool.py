@@ -154,12 +154,12 @@ class RayPool(WorkerPool):
         return list(done)
 
     def result(self, future: Any) -> Any:
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
         i = self._index.pop(future, -1)
         try:
             return self._ray.get(future)
-        except RayActorError as e:
+        except (RayActorError, ObjectLostError) as e:  # lost: the result was on a node that died since
             raise WorkerDied(i, type(e).__name__) from e
         except RayTaskError as e:
             if isinstance(getattr(e, "cause", None), WorkerRestarted):

@@ -37,9 +37,11 @@ differ from an uninterrupted run's (the env state that was lost cannot be replay
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,6 +83,27 @@ def acting_state(algo: Algorithm) -> dict[str, Any]:
     return out
 
 
+def _required(part: dict[str, torch.Tensor | None], key: str) -> torch.Tensor:
+    """A field every :class:`ActOut` has."""
+    v = part[key]
+    assert v is not None, key
+    return v
+
+
+@contextlib.contextmanager
+def _global_rngs_untouched() -> Iterator[None]:
+    """Building env copies and a policy copy here leaves this process's global RNGs (torch, numpy, random) as
+    they were: with in-process workers the learner then starts from the parameters it has with Ray workers
+    (and with ``rollout_workers=0``)."""
+    state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state[0])
+        np.random.set_state(state[1])
+        random.setstate(state[2])
+
+
 def _stack(items: Sequence[BatchObs]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([getattr(o, k) for o in items]) for k in _OBS}
 
@@ -94,10 +117,11 @@ class RolloutWorker:
 
         torch.set_num_threads(max(1, run.torch_threads))
         self.index, self.start, self.seed, self.rollout_len = index, start, run.seed, run.rollout_len
-        self.env = build_env(run.env, num_envs=count, workers=0, seed=run.seed + start, device="cpu")
-        self.spec = self.env.spec
-        mine = dataclasses.replace(run, device="cpu", num_envs=count, env_workers=0, rollout_workers=0)
-        self.algo = get_algorithm(run.algo)(self.spec, algo_cfg, mine, torch.device("cpu"))
+        with _global_rngs_untouched():
+            self.env = build_env(run.env, num_envs=count, workers=0, seed=run.seed + start, device="cpu")
+            self.spec = self.env.spec
+            mine = dataclasses.replace(run, device="cpu", num_envs=count, env_workers=0, rollout_workers=0)
+            self.algo = get_algorithm(run.algo)(self.spec, algo_cfg, mine, torch.device("cpu"))
         self.obs: BatchObs | None = None
 
     def pid(self) -> int:
@@ -150,7 +174,8 @@ class RolloutCollector(Collector):
         from pamarl.envs.guard import build_env
 
         check_rollout_workers(run)
-        probe = build_env(run.env, num_envs=1, workers=0, seed=run.seed, device="cpu")  # fail here, clearly
+        with _global_rngs_untouched():  # fail here, clearly, on an env the workers cannot run
+            probe = build_env(run.env, num_envs=1, workers=0, seed=run.seed, device="cpu")
         try:
             if getattr(probe, "attach_learner", None) is not None:
                 raise UsageError(f"rollout_workers: {run.env!r} plays against an opponent that follows the learner "
@@ -215,7 +240,9 @@ class RolloutCollector(Collector):
         got = Collected(metrics={"rollout/restarts": float(restarts)})
         for t in range(self.rollout_len):
             o = BatchObs(**{k: obs[k][t] for k in _OBS})
-            a = ActOut(**{k: None if v is None else v[t] for k, v in out.items()})
+            opt = {k: None if v is None else v[t] for k, v in out.items()}
+            a = ActOut(env_action=_required(opt, "env_action"), action=_required(opt, "action"), logp=opt["logp"],
+                       value=opt["value"], cost_value=opt["cost_value"])
             episodes = [e for p in parts for e in p["episodes"][t]]
             st = BatchStep(next=BatchObs(**{k: obs[k][t + 1] for k in _OBS}),
                            final=BatchObs(**{k: final[k][t] for k in _OBS}), reward=reward[t],
