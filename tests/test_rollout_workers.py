@@ -32,7 +32,9 @@ def test_one_worker_collects_what_the_learner_collects_with_the_workers_stream(t
     run = quick_run(tmp_path, algo="mappo", num_envs=3, rollout_len=40, rollout_workers=1)
     cfg = get_algorithm("mappo").Config()
     shape = lambda st: apply_reward_convention(st, "team")  # noqa: E731
+    rng = torch.get_rng_state()
     workers = RolloutCollector(run, cfg)
+    assert torch.equal(rng, torch.get_rng_state())  # the learner's initial parameters are as without workers
     plain = EnvCollector(make_env(run.env, num_envs=3, seed=run.seed), run.rollout_len)
     try:
         a, b = (make_algorithm(run, cfg, workers.spec) for _ in range(2))

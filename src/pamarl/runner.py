@@ -1,9 +1,10 @@
 """The one training loop: collect -> algo.update -> log -> evaluate -> checkpoint.
 
 Every algorithm, on- or off-policy, runs through :func:`train`. An iteration is ``rollout_len``
-steps of ``num_envs`` env copies followed by one ``algo.update``. The team return logged as
-``train/return_mean`` is the mean, over the episodes that finished during the iteration, of the
-undiscounted sum over agents of their episode returns. ``train/coordination`` is the coordination
+steps of ``num_envs`` env copies followed by one ``algo.update``; the steps come from the run's
+:class:`pamarl.collect.Collector` (the learner acting on the env copies, or ``rollout_workers``).
+The team return logged as ``train/return_mean`` is the mean, over the episodes that finished during
+the iteration, of the undiscounted sum over agents of their episode returns. ``train/coordination`` is the coordination
 rho of :func:`pamarl.metrics.coordination` over the iteration's rollout (sampled actions), for
 algorithms whose acting reports log-probabilities; ``eval/coordination`` is the same over the
 evaluation steps (greedy actions: undefined for continuous actions, whose greedy log-probability is
