@@ -9,7 +9,7 @@ current weights in one message (``ray.put`` once, read by every actor); each wor
 the rollout (``rollout_len`` steps of its copies) and sends it back in one message; the learner feeds the
 steps, in order, to the algorithm's :meth:`observe` and updates. Logged metrics are the in-process loop's
 (episodes in step order, copies in index order within a step; coordination over the sampled actions), plus
-``rollout/restarts``: workers restarted during the iteration.
+``rollout/restarts``: worker restarts since the previous row.
 
 ``env_backend=ray`` runs the workers as Ray actors (one CPU each, anywhere on the cluster of ``RAY_ADDRESS``,
 else a local one); ``env_backend=local`` runs the very same workers in this process, one after the other:
@@ -60,7 +60,8 @@ MAX_RESTARTS = 3
 _OBS = ("obs", "state", "action_mask", "active", "first")
 _OUT = ("env_action", "action", "logp", "value", "cost_value")
 POLICY_PARTS = ("actor", "critic", "cost_critic")
-"""The modules of an :class:`~pamarl.algos.onpolicy.OnPolicyAlgorithm` that its ``act`` reads."""
+"""The modules of an :class:`~pamarl.algos.onpolicy.OnPolicyAlgorithm` that its ``act`` reads (every on-policy
+algorithm acts with the base class's ``act``; one that reads more would have to add it here)."""
 
 
 def rollout_seed(seed: int, iteration: int, worker: int) -> int:
@@ -190,16 +191,14 @@ class RolloutCollector(Collector):
                               name=f"pamarl-rollout-{os.getpid()}-{id(self)}")
         self.restarts = 0
         """Worker restarts in this process so far (each one's env copies get seeds never used before)."""
+        self._logged = 0
         self._seed = 0
 
     def reset(self, seed: int) -> None:
         self._seed = seed
         futs = [self.pool.submit(w, "reset", seed) for w in range(self.pool.n)]
         for w, f in enumerate(futs):
-            try:
-                self.pool.result(f)
-            except WorkerDied:
-                self._revive(w)
+            self._answer(w, f, "reset", seed)
 
     def _revive(self, w: int) -> None:
         """Worker ``w`` died: wait for Ray's restart and reset its copies with seeds derived from the last reset's."""
@@ -209,28 +208,29 @@ class RolloutCollector(Collector):
             wait(w)
         self.pool.result(self.pool.submit(w, "reset", self._seed + 7_919 * self.restarts))
 
-    def _part(self, w: int, future: Any, policy: Any, iteration: int) -> tuple[dict[str, Any], int]:
-        """Worker ``w``'s part of the rollout, reviving and asking it again while it dies; (part, restarts)."""
+    def _answer(self, w: int, future: Any, method: str, *args: Any) -> Any:
+        """Worker ``w``'s answer to ``future`` (a call of ``method(*args)``); while the worker dies, revive it (its
+        copies are reset on the way, which is all a ``reset`` asks) and ask again, at most :data:`MAX_RESTARTS`
+        times."""
         last: WorkerDied | None = None
         for attempt in range(MAX_RESTARTS + 1):
             try:
                 if attempt > 0:
                     self._revive(w)
-                    future = self.pool.submit(w, "collect", policy, iteration)
-                return self.pool.result(future), attempt
+                    if method == "reset":
+                        return None
+                    future = self.pool.submit(w, method, *args)
+                return self.pool.result(future)
             except WorkerDied as e:
                 last = e
-        raise TrainingError(f"rollout worker {w} died {MAX_RESTARTS + 1} times in iteration {iteration + 1} "
-                            f"({last}); resume the run once the cluster is healthy")
+        raise TrainingError(f"rollout worker {w} died {MAX_RESTARTS + 1} times during one {method} ({last}); "
+                            "resume the run once the cluster is healthy")
 
     def collect(self, algo: Algorithm, iteration: int, shape: Shape) -> Collected:
         policy = self.pool.put(acting_state(algo))  # the weights, broadcast once per iteration
         futs = [self.pool.submit(w, "collect", policy, iteration) for w in range(self.pool.n)]
-        parts, restarts = [], 0
-        for w, f in enumerate(futs):
-            part, n = self._part(w, f, policy, iteration)
-            parts.append(part)
-            restarts += n
+        parts = [self._answer(w, f, "collect", policy, iteration) for w, f in enumerate(futs)]
+        restarts, self._logged = self.restarts - self._logged, self.restarts  # since the last iteration's log
         cat = lambda xs: torch.cat(xs, dim=1)  # noqa: E731 - [T, E_w, ...] shares -> [T, E, ...]
         obs = {k: cat([p["obs"][k] for p in parts]) for k in _OBS}
         final = {k: cat([p["final"][k] for p in parts]) for k in _OBS}
