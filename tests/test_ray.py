@@ -1,9 +1,10 @@
 """Everything that needs Ray, on ONE local two-node Ray cluster (1 CPU each) for the whole module.
 
-The averaging DQN's Ray learners give the numbers of its in-process backend; Ray env workers give the numbers
-of the local path; a SIGKILLed learner or env worker is restarted and the run still ends at its budget with
-nothing lost; ``pamarl compare --backend ray`` runs the grid, and when the node holding a run is removed the
-run is retried from its last checkpoint and the report says so.
+The averaging DQN's Ray learners give the numbers of its in-process backend; Ray env workers and Ray rollout
+workers give the numbers of the local path (rollout workers also resume exactly); a SIGKILLed learner, env
+worker or rollout worker is restarted and the run still ends at its budget with nothing lost; the averaging DQN
+finishes when the node of one of its learners is removed; ``pamarl compare --backend ray`` runs the grid, and
+when the node holding a run is removed the run is retried from its last checkpoint and the report says so.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -33,11 +35,12 @@ IGNORE = ("wall_s", "time/sync_s", "time/sync_share")
 
 @pytest.fixture(scope="module")
 def cluster() -> Any:
+    """``.cluster`` and its second node ``.worker`` (a test that removes that node adds a new one there)."""
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     worker = c.add_node(num_cpus=1)
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
     c.wait_for_nodes()
-    yield c, worker
+    yield SimpleNamespace(cluster=c, worker=worker)
     ray.shutdown()
     c.shutdown()
 
@@ -111,11 +114,95 @@ def test_ray_env_workers_match_local_envs_and_survive_a_sigkill(cluster: Any, tm
     assert json.loads((res.run_dir / "summary.json").read_text())["env_steps"] == 400
 
 
+def test_rollout_workers_on_ray_match_the_local_path_and_resume_exactly(cluster: Any, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two Ray rollout workers give the in-process workers' numbers; a run killed after a checkpoint and resumed
+    (on Ray) gives them too, row for row."""
+    from pamarl.algos.mappo import MAPPO
+
+    kw: dict[str, Any] = dict(algo="mappo", steps=400, num_envs=4, rollout_len=25, checkpoint_every=2,
+                              rollout_workers=2)
+    local = train(quick(tmp_path, "rw_local", **kw))
+    real_update, calls = MAPPO.update, {"n": 0}
+
+    def crashing_update(self: Any, progress: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:  # after the checkpoint at iteration 2
+            raise KeyboardInterrupt
+        return real_update(self, progress)
+
+    monkeypatch.setattr(MAPPO, "update", crashing_update)
+    cut = quick(tmp_path, "rw_ray", env_backend="ray", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut)
+    assert len(rows(Path(str(cut.run_dir)))) == 2
+    monkeypatch.setattr(MAPPO, "update", real_update)
+    train(cut, resume=True)
+    assert rows(local.run_dir) == rows(Path(str(cut.run_dir)))
+    assert len(rows(local.run_dir)) == 4
+
+
+def test_sigkilled_rollout_worker_is_restarted_and_the_run_reaches_its_budget(cluster: Any, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from pamarl.distributed.rollout import RolloutCollector
+
+    wrapped, calls = _killer(RolloutCollector, "collect", 2, lambda self: self.pids()[1])
+    monkeypatch.setattr(RolloutCollector, "collect", wrapped)
+    res = train(quick(tmp_path, "rw_kill", algo="mappo", steps=400, num_envs=4, rollout_len=25, checkpoint_every=1,
+                      rollout_workers=2, env_backend="ray"))
+    assert calls["killed"] is not None
+    got = rows(res.run_dir)
+    assert res.env_steps == 400 and [int(r["env_steps"]) for r in got] == [100, 200, 300, 400]
+    assert sum(float(r["rollout/restarts"]) for r in got) >= 1
+    assert json.loads((res.run_dir / "summary.json").read_text())["env_steps"] == 400
+    assert {p.name for p in (res.run_dir / "checkpoints").iterdir()} >= {"latest.pt", "final.pt"}
+
+
+def test_dqn_avg_finishes_when_a_learners_node_is_removed(cluster: Any, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Learner 1's actor is placed on the second node (the head's CPU is held by a placeholder actor), and that
+    node is removed mid-run: Ray restarts the learner on the head, and the run ends at its budget."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    c = cluster.cluster
+
+    @ray.remote(num_cpus=1)
+    class Placeholder:
+        def node(self) -> str:
+            return str(ray.get_runtime_context().get_node_id())
+
+    hold = Placeholder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(c.head_node.node_id, soft=False)
+                               ).remote()
+    assert ray.get(hold.node.remote(), timeout=120) == c.head_node.node_id
+    real, calls = DQNAvg.update, {"n": 0}
+
+    def removing_update(self: Any, progress: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the checkpoint at iteration 3
+            ray.kill(hold)  # frees the head's CPU for the restart
+            c.remove_node(cluster.worker)
+            calls["removed"] = True
+        return real(self, progress)
+
+    monkeypatch.setattr(DQNAvg, "update", removing_update)
+    try:
+        res = train(quick(tmp_path, "node", steps=600, checkpoint_every=3),
+                    DQNAvgConfig(backend="ray", n_learners=2, sync_every=10, **SMALL))
+    finally:
+        if calls.get("removed"):  # the last test needs a second node again
+            cluster.worker = c.add_node(num_cpus=1)
+            c.wait_for_nodes()
+    got = rows(res.run_dir)
+    assert res.env_steps == 600 and len(got) == 12 and float(got[-1]["avg/restarts"]) >= 1
+    assert float(got[-1]["train/env_steps_total"]) >= 2 * 600
+    assert json.loads((res.run_dir / "summary.json").read_text())["env_steps"] == 600
+
+
 def test_compare_on_ray_retries_a_run_whose_node_died(cluster: Any, tmp_path: Path, capsys: Any) -> None:
     """Last in the module: it removes the cluster's second node."""
     from pamarl.cli import main
 
-    c, worker = cluster
+    c, worker = cluster.cluster, cluster.worker
     out = tmp_path / "cmp"
     args = ["compare", "--algos", "mappo", "--envs", "mpe/simple_spread_v3", "--seeds", "2", "--steps", "2500",
             "--out", str(out), "--backend", "ray", "--address", c.address, "--quiet", "num_envs=2",

@@ -46,7 +46,13 @@ class TrainConfig:
     """0: step the env copies in this process; W > 0: in W subprocesses (or W Ray actors: env_backend)."""
     env_backend: str = "local"
     """Where env_workers run: local (subprocesses) or ray (Ray actors on the cluster of RAY_ADDRESS, else a
-    local one; needs pamarl[ray]). Same numbers either way."""
+    local one; needs pamarl[ray]). Same numbers either way. Also where rollout_workers run (local: in this
+    process, one after the other)."""
+    rollout_workers: int = 0
+    """0: the learner acts on the env copies itself. W > 0 (on-policy algorithms): W rollout workers, each with
+    a share of the num_envs copies and a copy of the acting policy, collect the whole rollout and send it back
+    once per iteration; env_backend=ray runs them as Ray actors, local in this process (same numbers for the
+    same W; W changes the sampling streams, see pamarl.distributed.rollout)."""
     eval_every: int = 10
     """Evaluate every this many iterations (0: only at the end)."""
     eval_episodes: int = 10

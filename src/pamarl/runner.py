@@ -1,9 +1,10 @@
 """The one training loop: collect -> algo.update -> log -> evaluate -> checkpoint.
 
 Every algorithm, on- or off-policy, runs through :func:`train`. An iteration is ``rollout_len``
-steps of ``num_envs`` env copies followed by one ``algo.update``. The team return logged as
-``train/return_mean`` is the mean, over the episodes that finished during the iteration, of the
-undiscounted sum over agents of their episode returns. ``train/coordination`` is the coordination
+steps of ``num_envs`` env copies followed by one ``algo.update``; the steps come from the run's
+:class:`pamarl.collect.Collector` (the learner acting on the env copies, or ``rollout_workers``).
+The team return logged as ``train/return_mean`` is the mean, over the episodes that finished during
+the iteration, of the undiscounted sum over agents of their episode returns. ``train/coordination`` is the coordination
 rho of :func:`pamarl.metrics.coordination` over the iteration's rollout (sampled actions), for
 algorithms whose acting reports log-probabilities; ``eval/coordination`` is the same over the
 evaluation steps (greedy actions: undefined for continuous actions, whose greedy log-probability is
@@ -34,6 +35,7 @@ import yaml
 from pamarl.algos.base import Algorithm, Progress
 from pamarl.algos.registry import get_algorithm
 from pamarl.checkpoint import load_checkpoint, save_checkpoint
+from pamarl.collect import Collector, make_collector
 from pamarl.config import TrainConfig, build, load_preset, load_yaml, split_keys, to_dict
 from pamarl.envs.base import BatchedEnv, BatchStep, EnvSpec
 from pamarl.envs.guard import build_env
@@ -291,19 +293,18 @@ def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str
         state = load_checkpoint(checkpoint or ckpt_dir / "latest.pt")
         changes = check_resume(run, algo_cfg, state)
 
-    env = build_env(run.env, num_envs=run.num_envs, workers=run.env_workers, seed=run.seed, device=run.device,
-                    backend=run.env_backend)
+    collector = make_collector(run, algo_cfg)
     try:
         eval_env = build_env(run.env, num_envs=min(run.eval_episodes, 8) or 1, workers=0, seed=run.seed + 99_991,
                              device=run.device)
     except BaseException:
-        env.close()
+        collector.close()
         raise
     algo: Algorithm | None = None
     try:
-        spec = env.spec
+        spec = collector.spec
         algo = make_algorithm(run, algo_cfg, spec)
-        for e in (env, eval_env):  # two-team envs whose opponent is a lagged copy of the learner (self-play)
+        for e in (collector.env, eval_env):  # two-team envs whose opponent is a lagged copy of the learner
             attach = getattr(e, "attach_learner", None)
             if attach is not None:
                 attach(algo)
@@ -325,16 +326,16 @@ def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str
         if changes and state is not None:
             record_changes(run_dir, changes, it0, env_steps, str(checkpoint or ckpt_dir / "latest.pt"))
         logger = MetricsLogger(run_dir, run.tensorboard, resume_iteration=it0 if state is not None else None)
-        return _loop(run, algo, env, eval_env, logger, run_dir, ckpt_dir, it0, total_iters, env_steps, wall0,
+        return _loop(run, algo, collector, eval_env, logger, run_dir, ckpt_dir, it0, total_iters, env_steps, wall0,
                      limit, quiet)
     finally:
-        env.close()
+        collector.close()
         eval_env.close()
         if algo is not None:
             algo.close()
 
 
-def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedEnv, logger: MetricsLogger,
+def _loop(run: TrainConfig, algo: Algorithm, collector: Collector, eval_env: BatchedEnv, logger: MetricsLogger,
           run_dir: Path, ckpt_dir: Path, it0: int, total_iters: int, env_steps: int, wall0: float,
           limit: float | None, quiet: bool) -> TrainResult:
     from tqdm import tqdm
@@ -350,24 +351,13 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
             last_ret = float(v)
     final_eval: dict[str, float] = {}
     t_start = time.perf_counter() - wall0
-    obs = env.reset(seed=env_seed(run.seed, it0))
+    collector.reset(seed=env_seed(run.seed, it0))
     stop, clock = StopRequest().__enter__(), CheckpointClock(run.checkpoint_minutes)
     try:
-        n_agents = env.spec.n_agents
-        convention = reward_convention(run, env.spec)
+        convention = reward_convention(run, collector.spec)
         for it in range(it0, total_iters):
-            episodes = []
-            logps: list[torch.Tensor] = []
-            for _ in range(run.rollout_len):
-                out = algo.act(obs, explore=True)
-                if n_agents > 1 and out.logp is not None:
-                    # NaN for agents that are not acting (dead, padded): left out of the correlation.
-                    lp = out.logp.reshape(-1, n_agents).float()
-                    logps.append(torch.where(obs.active.reshape(-1, n_agents).to(lp.device), lp, torch.nan))
-                st = env.step(out.env_action)
-                algo.observe(obs, out, apply_reward_convention(st, convention))
-                episodes.extend(st.episodes)
-                obs = st.next
+            got = collector.collect(algo, it, lambda st: apply_reward_convention(st, convention))
+            episodes, logps = got.episodes, got.logps
             env_steps += per_iter
             metrics = algo.update(Progress(iteration=it, total_iterations=total_iters, env_steps=env_steps))
             row: dict[str, Any] = {"iteration": it + 1, "env_steps": env_steps,
@@ -377,7 +367,7 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
                 row["train/return_mean"] = float(np.mean(rets))
                 row["train/length_mean"] = float(np.mean([e.length for e in episodes]))
                 row["train/episodes"] = len(episodes)
-                if env.spec.has_cost:
+                if collector.spec.has_cost:
                     row["cost/episode_mean"] = float(np.mean([e.cost for e in episodes]))
                 first_ret = row["train/return_mean"] if first_ret is None else first_ret
                 last_ret = row["train/return_mean"]
@@ -385,6 +375,7 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
                 from pamarl.metrics import coordination
 
                 row["train/coordination"] = coordination(torch.cat(logps).cpu().numpy())
+            row.update(got.metrics)
             row.update(metrics)
             last = it + 1 == total_iters
             if last or (run.eval_every > 0 and (it + 1) % run.eval_every == 0):
@@ -415,7 +406,7 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
                 if last:
                     save_checkpoint(ckpt_dir / "final.pt", payload)
                 elif periodic:
-                    obs = env.reset(seed=env_seed(run.seed, it + 1))
+                    collector.reset(seed=env_seed(run.seed, it + 1))
                     algo.reset_rollout()
             bar.update(per_iter)
             post = {}
@@ -435,7 +426,7 @@ def _loop(run: TrainConfig, algo: Algorithm, env: BatchedEnv, eval_env: BatchedE
     wall = time.perf_counter() - t_start
     result = TrainResult(run_dir=run_dir, iterations=total_iters, env_steps=env_steps, wall_s=wall,
                          first_return=first_ret, last_return=last_ret, final_eval=final_eval,
-                         n_agents=env.spec.n_agents)
+                         n_agents=collector.spec.n_agents)
     summary = {
         "algo": run.algo, "env": run.env, "seed": run.seed, "env_steps": env_steps, "iterations": total_iters,
         "wall_s": round(wall, 2), "env_steps_per_s": round(result.steps_per_s, 1),

@@ -156,6 +156,7 @@ RULES: dict[str, Rule] = {
     "progress": Rule(bool, resume=True),
     "run_dir": Rule(str, optional=True, resume=True),
     "env_backend": Rule(str, choices=("local", "ray"), resume=True),
+    "rollout_workers": nonneg(int, resume=True),  # any W continues correctly (another W samples other streams)
     "reward": Rule(str, choices=("auto", "team", "individual"),
                    resume="the value functions learnt so far estimate the old reward"),
     # ---- learners (LearnerConfig and subclasses)
@@ -326,6 +327,26 @@ def check_together(run: Any, algo_cfg: Any) -> None:
     if mb is not None and mb > batch:
         raise UsageError(f"minibatches={mb} is more than the {batch} samples of an iteration (num_envs x "
                          f"rollout_len = {run.num_envs} x {run.rollout_len}); use at most {batch}")
+    if run.rollout_workers > 0:
+        check_rollout_workers(run)
     bs, cap = getattr(algo_cfg, "batch_size", None), getattr(algo_cfg, "buffer_size", None)
     if bs is not None and cap is not None and bs > cap:
         raise UsageError(f"batch_size={bs} exceeds buffer_size={cap}: the replay can never fill one batch")
+
+
+def check_rollout_workers(run: Any) -> None:
+    """``rollout_workers=W``: an on-policy algorithm, at most ``num_envs`` workers, no ``env_workers`` besides."""
+    from pamarl.algos.onpolicy import OnPolicyAlgorithm  # lazy: this module stays torch-free on import
+    from pamarl.algos.registry import algorithms, get_algorithm
+
+    W, E = run.rollout_workers, run.num_envs
+    if not issubclass(get_algorithm(run.algo), OnPolicyAlgorithm):
+        family = sorted(n for n, c in algorithms().items() if issubclass(c, OnPolicyAlgorithm))
+        raise UsageError(f"rollout_workers={W} is for the on-policy family ({', '.join(family)}), not {run.algo!r}: "
+                         "set rollout_workers=0 (env_workers=W env_backend=ray steps its env copies on Ray actors)")
+    if W > E:
+        raise UsageError(f"rollout_workers={W} is more than num_envs={E}: every worker needs at least one env copy; "
+                         f"use rollout_workers<={E} or raise num_envs")
+    if run.env_workers > 0:
+        raise UsageError(f"rollout_workers={W} and env_workers={run.env_workers} together: rollout workers step "
+                         "their own env copies; set env_workers=0")

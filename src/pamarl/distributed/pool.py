@@ -58,6 +58,11 @@ class WorkerPool(ABC):
     def result(self, future: Any) -> Any:
         """The call's return value; :class:`WorkerDied` if the worker died during it."""
 
+    def put(self, value: Any) -> Any:
+        """``value`` as an argument to send to many workers: the value itself here; a Ray object ref (stored once,
+        read by every actor that gets it) in :class:`RayPool`."""
+        return value
+
     def call_all(self, method: str, args: Sequence[tuple[Any, ...]] | None = None,
                  workers: Sequence[int] | None = None) -> list[Any]:
         """Call ``method`` on every worker (or ``workers``) in parallel and return their results in order."""
@@ -132,6 +137,9 @@ class RayPool(WorkerPool):
         self.n = len(self.actors)
         self._index: dict[Any, int] = {}
 
+    def put(self, value: Any) -> Any:
+        return self._ray.put(value)
+
     def submit(self, i: int, method: str, *args: Any) -> Any:
         ref = getattr(self.actors[i], method).remote(*args)
         self._index[ref] = i
@@ -146,12 +154,12 @@ class RayPool(WorkerPool):
         return list(done)
 
     def result(self, future: Any) -> Any:
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
         i = self._index.pop(future, -1)
         try:
             return self._ray.get(future)
-        except RayActorError as e:
+        except (RayActorError, ObjectLostError) as e:  # lost: the result was on a node that died since
             raise WorkerDied(i, type(e).__name__) from e
         except RayTaskError as e:
             if isinstance(getattr(e, "cause", None), WorkerRestarted):
