@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -252,6 +252,9 @@ class OnPolicyAlgorithm(Algorithm):
         perm = torch.randperm(B, generator=self.generator, device=self.device)
         return list(perm.chunk(self.cfg.minibatches))
 
+    ACTOR_FIELDS: ClassVar[frozenset[str]] = frozenset({"obs", "action_mask", "action", "logp", "mask", "policy_adv"})
+    """The batch fields an actor step reads."""
+
     def actor_step(self, batch: OnPolicyBatch, agents: list[int], factor: torch.Tensor) -> dict[str, float]:
         """PPO-style update of ``agents`` for ``epochs`` passes (the default step rule)."""
         cfg = self.cfg
@@ -259,12 +262,12 @@ class OnPolicyAlgorithm(Algorithm):
         stats: dict[str, list[torch.Tensor]] = {"policy": [], "entropy": [], "kl": [], "clipfrac": []}
         for _ in range(cfg.epochs):
             for idx in self._minibatches():
-                mb = batch.take(idx)
+                # Only what the actors read, only these agents' columns: gathered once per minibatch.
+                mb = batch.take(idx, self.ACTOR_FIELDS, agents)
                 assert mb.policy_adv is not None
-                logp, ent = self._logp(mb, agents)
-                old = mb.logp[:, agents]
-                m = mb.mask[:, agents]
-                obj, ratio = self.surrogate(logp, old, mb.policy_adv[:, agents], factor[idx])
+                logp, ent = self.actor.evaluate(mb.obs, mb.action_mask, mb.action, agents)
+                old, m = mb.logp, mb.mask
+                obj, ratio = self.surrogate(logp, old, mb.policy_adv, factor[idx])
                 pol = -masked_mean(obj, m)
                 entropy = masked_mean(ent, m)
                 loss = self._reduce(pol - cfg.entropy_coef * entropy)
@@ -317,9 +320,11 @@ class OnPolicyAlgorithm(Algorithm):
         agents = list(range(self.n))
         losses = []
         shared = len(opts) == 1
+        # What the critic reads: a shared V(s) the state only; per-agent critics the observations too.
+        keep = {"state", "mask"} if critic.shared else {"state", "obs", "mask"}
         for _ in range(self.cfg.critic_epochs):
             for idx in self._minibatches():
-                mb = batch.take(idx)
+                mb = batch.take(idx, keep)
                 per = self.critic_loss(critic, mb, target[idx], old[idx])
                 loss = self._reduce(per, shared)
                 check_finite(loss, what)

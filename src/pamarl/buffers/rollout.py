@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -220,8 +221,32 @@ class OnPolicyBatch:
     def size(self) -> int:
         return int(self.obs.shape[0])
 
-    def take(self, idx: torch.Tensor | slice) -> OnPolicyBatch:
-        """The samples ``idx`` (a minibatch) of every field."""
-        parts: dict[str, Any] = {f.name: None if (v := getattr(self, f.name)) is None else v[idx]
-                                 for f in fields(self)}
+    def take(self, idx: torch.Tensor | slice, keep: Collection[str] | None = None,
+             agents: list[int] | None = None) -> OnPolicyBatch:
+        """The samples ``idx`` (a minibatch).
+
+        ``keep``: take only these fields; the others are left as empty tensors (``torch.empty(0)``), so a
+        minibatch for one purpose (an actor step reads six fields) gathers a fraction of the bytes.
+        ``agents``: per-agent fields keep only these agents' columns (in this order), selected before the
+        rows are gathered (a view when the agents are consecutive).
+        """
+        cols: slice | list[int] | None = None
+        if agents is not None:
+            consecutive = agents == list(range(agents[0], agents[0] + len(agents)))
+            cols = slice(agents[0], agents[0] + len(agents)) if agents and consecutive else agents
+        parts: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                parts[f.name] = None
+            elif keep is not None and f.name not in keep:
+                parts[f.name] = _EMPTY
+            else:
+                if cols is not None and f.name != "state":  # every field but the state is [B, N, ...]
+                    v = v[:, cols]
+                parts[f.name] = v[idx]
         return replace(self, **parts)
+
+
+_EMPTY = torch.empty(0)
+"""What :meth:`OnPolicyBatch.take` leaves in the fields it was not asked to keep."""

@@ -85,6 +85,7 @@ class AgentMLP(nn.Module):
         self.nets = nn.ModuleList(_MLP(real_in, hidden, out_dim, out_gain, gain, input_norm, layer_norm)
                                   for _ in range(n_nets))
         self.n_layers = len(hidden) + 1
+        self._params: list[nn.Parameter] | None = None
         self._eps = 1e-5  # nn.LayerNorm's default, the eps of every norm built here
         self.loop_rows = 4096
         """Batches of at least this many rows go through one 2-D product per agent (see :meth:`forward`)."""
@@ -141,7 +142,9 @@ class AgentMLP(nn.Module):
         if torch.is_grad_enabled():
             return build()
         key = tuple(idx)
-        version = tuple(p._version for p in self.parameters())
+        if self._params is None:  # the Parameter objects never change (.to() and loading write in place)
+            self._params = list(self.parameters())
+        version = tuple(p._version for p in self._params)
         cached = self._cache.get(key)
         if cached is None or cached[0] != version:
             cached = (version, [(w.contiguous(), b.contiguous()) for w, b in build()])
