@@ -101,6 +101,5 @@ class MADDPG(ActorCriticAlgorithm):
             o.zero_grad(set_to_none=True)
         loss.backward()
         # Every actor steps now: per-agent clipping, then one optimiser kernel for all of them.
-        clip_and_step_together(self.actor_opts, [self.actor.agent_parameters(i) for i in range(len(self.actor_opts))],
-                               cfg.max_grad_norm)
+        clip_and_step_together(self.actor_opts, self.actor_params, cfg.max_grad_norm)
         return {"loss/actor": per_agent.detach().mean()}
