@@ -140,16 +140,21 @@ def _step_together(opts: list[torch.optim.Optimizer]) -> None:
         for o in opts:
             o.step()
         return
-    lists: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])
+    ps: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
+    avgs: list[torch.Tensor] = []
+    sqs: list[torch.Tensor] = []
+    max_sqs: list[torch.Tensor] = []
+    steps: list[torch.Tensor] = []
     has_complex = False
     for o in opts:
         for g in o.param_groups:
             # Adam's own lazy state initialisation and gathering, so the state is exactly what o.step() keeps.
-            has_complex |= cast(FusedAdam, o)._init_group(g, *lists)
+            has_complex |= cast(FusedAdam, o)._init_group(g, ps, grads, avgs, sqs, max_sqs, steps)
     g0 = groups[0]
     with torch.no_grad():
-        adam_functional(*lists, amsgrad=g0["amsgrad"], has_complex=has_complex, beta1=g0["betas"][0],
-                        beta2=g0["betas"][1], lr=g0["lr"], weight_decay=g0["weight_decay"], eps=g0["eps"],
-                        maximize=g0["maximize"], foreach=None, capturable=False, differentiable=False,
+        adam_functional(ps, grads, avgs, sqs, max_sqs, steps, amsgrad=g0["amsgrad"], has_complex=has_complex,
+                        beta1=g0["betas"][0], beta2=g0["betas"][1], lr=g0["lr"], weight_decay=g0["weight_decay"],
+                        eps=g0["eps"], maximize=g0["maximize"], foreach=None, capturable=False, differentiable=False,
                         fused=True, decoupled_weight_decay=g0["decoupled_weight_decay"])
-    torch.autograd.graph.increment_version(lists[0])
+    torch.autograd.graph.increment_version(ps)
