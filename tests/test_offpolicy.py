@@ -308,9 +308,9 @@ def test_sequential_actor_update_uses_earlier_agents_new_actions() -> None:
     seen: list[torch.Tensor] = []
     q_values = algo.q_values
 
-    def spy(critic: Any, x: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
+    def spy(critic: Any, x: torch.Tensor, joint: torch.Tensor, *rest: Any) -> torch.Tensor:
         seen.append(joint.detach().clone())
-        return q_values(critic, x, joint)
+        return q_values(critic, x, joint, *rest)
 
     algo.q_values = spy  # type: ignore[method-assign]
     expected_order = sequential(3, torch.Generator().set_state(algo.generator.get_state())).critical
@@ -325,6 +325,49 @@ def test_sequential_actor_update_uses_earlier_agents_new_actions() -> None:
         for j in expected_order[m + 1:]:
             assert torch.allclose(joint[:, j], old[:, j], atol=1e-6)
         assert not torch.allclose(old[:, i], new[:, i])  # agent i itself moved
+
+
+def test_hatd3_actor_steps_ascend_the_first_twin_only() -> None:
+    """The sequential actor update evaluates Q_1 alone: the same values as the twin pair's first column."""
+    sp = spec(discrete=False, n=3)
+    algo = make("hatd3", sp, hidden=(8,), critic_hidden=(8,))
+    b = batch(sp, B=6)
+    x = algo.critic_x(b.state, b.obs)
+    joint = algo.encode(b.action, b.active)
+    both = algo.q_values(algo.critic, x, joint)
+    first = algo.q_values(algo.critic, x, joint, [0])
+    assert first.shape == (6, 1) and torch.allclose(first[:, 0], both[:, 0], atol=1e-6)
+
+
+def test_clip_and_step_together_matches_one_optimiser_per_agent() -> None:
+    """MADDPG's actors step in one fused call with per-agent clipping: the same result as clipping and
+    stepping each agent's optimiser on its own (Adam is elementwise), over several steps."""
+    from pamarl.algos.common import clip_and_step, clip_and_step_together, fused_adam
+    from pamarl.nets.mlp import AgentMLP
+
+    nets = [AgentMLP(3, 5, 2, (8,)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [[fused_adam(net.agent_parameters(i), 0.05, 1e-5) for i in range(3)] for net in nets]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x = torch.randn(7, 3, 5, generator=g)
+        for k, net in enumerate(nets):
+            for o in opts[k]:
+                o.zero_grad(set_to_none=True)
+            (net(x).pow(2).sum(0).sum(-1) * torch.tensor([1.0, 30.0, 0.01])).sum().backward()
+        for i, o in enumerate(opts[0]):
+            clip_and_step(o, nets[0].agent_parameters(i), 0.5)
+        clip_and_step_together(opts[1], [nets[1].agent_parameters(i) for i in range(3)], 0.5)
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    for a, b in zip(opts[0], opts[1]):
+        for sa, sb in zip(a.state.values(), b.state.values()):
+            assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+    with torch.no_grad():  # the version bump keeps AgentMLP's cached stacks for acting fresh
+        assert torch.equal(nets[1](x), nets[1]._mlp(x.transpose(0, 1), [
+            (torch.stack([nets[1]._net(i).linear(j).weight.t() for i in range(3)]),
+             torch.stack([nets[1]._net(i).linear(j).bias for i in range(3)]).unsqueeze(1))
+            for j in range(nets[1].n_layers)]).transpose(0, 1))
 
 
 def test_maddpg_critic_i_sees_own_fresh_action_and_replayed_others() -> None:

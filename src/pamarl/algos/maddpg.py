@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from pamarl.algos.actor_critic import ActorCriticAlgorithm, ActorCriticConfig
-from pamarl.algos.common import check_finite, clip_and_step
+from pamarl.algos.common import check_finite, clip_and_step_together
 from pamarl.algos.offpolicy import td_target
 from pamarl.algos.registry import register
 from pamarl.buffers.replay import TransitionBatch
@@ -100,6 +100,6 @@ class MADDPG(ActorCriticAlgorithm):
         for o in self.actor_opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
-        for i, o in enumerate(self.actor_opts):
-            clip_and_step(o, self.actor.agent_parameters(i), cfg.max_grad_norm)
+        # Every actor steps now: per-agent clipping, then one optimiser kernel for all of them.
+        clip_and_step_together(self.actor_opts, self.actor_params, cfg.max_grad_norm)
         return {"loss/actor": per_agent.detach().mean()}

@@ -176,6 +176,7 @@ class OffPolicyAlgorithm(Algorithm):
         """Env steps stored in the replay since it was (re)filled (drives learning_starts)."""
         self.updates = 0
         self.syncs = 0
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (targets, online), sync_targets
         self._due = 0.0  # gradient steps owed to the env steps collected since the last update
 
     # ------------------------------------------------------------------ to implement
@@ -239,12 +240,17 @@ class OffPolicyAlgorithm(Algorithm):
         """Soft update every target, or a hard copy every ``target_update_interval`` calls."""
         self.syncs += 1
         k = self.cfg.target_update_interval
-        for online, target in self.targets:
-            if k > 0:
-                if self.syncs % k == 0:
+        if k > 0:
+            if self.syncs % k == 0:
+                for online, target in self.targets:
                     hard_update(target, online)
-            else:
-                soft_update(target, online, self.cfg.tau)
+            return
+        if self._pairs is None:  # every pair in one call; the lists are built once (modules never change)
+            self._pairs = ([p for _, t in self.targets for p in t.parameters()],
+                           [p for o, _ in self.targets for p in o.parameters()])
+        if self._pairs[0]:  # VDN's parameter-free mixer alone has nothing to average
+            with torch.no_grad():  # Polyak averaging, as soft_update
+                torch._foreach_lerp_(self._pairs[0], self._pairs[1], self.cfg.tau)
 
     # ------------------------------------------------------------------ update
     def updates_due(self) -> int:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pamarl.algos.base import ActOut, Metrics
-from pamarl.algos.common import adam
+from pamarl.algos.common import fused_adam
 from pamarl.algos.offpolicy import (
     OffPolicyAlgorithm,
     OffPolicyConfig,
@@ -107,7 +107,7 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
             self.targets.append((self.mixer, self.target_mixer))
             params += list(self.mixer.parameters())
         self.params = params
-        self.opts = {"q": adam(params, cfg.lr, cfg.adam_eps)}
+        self.opts = {"q": fused_adam(params, cfg.lr, cfg.adam_eps)}
         # Recurrent states of the training rollout and of evaluations, kept apart so that an evaluation in
         # the middle of a rollout never disturbs the training episodes.
         self.h_train: torch.Tensor | None = None

@@ -99,14 +99,30 @@ class ReplayBuffer:
         fields["reward"] = ((spec.n_agents,), torch.float32)
         fields["terminated"] = ((), torch.float32)
         fields["done"] = ((), torch.bool)  # the episode ended after this row (n-step returns stop there)
-        self.data = {k: torch.zeros((self.capacity, *shape), dtype=dt, device=self.device)
-                     for k, (shape, dt) in fields.items()}
+        # One row-major table per dtype, every field a view of its columns: sampling gathers a row of
+        # each table once (three index ops instead of thirteen, ~5% of a QMIX gradient step) and reads
+        # the fields as views of the gathered rows.
+        widths: dict[torch.dtype, int] = {}
+        offsets: dict[str, tuple[torch.dtype, int, int]] = {}
+        for k, (shape, dt) in fields.items():
+            w = int(torch.Size(shape).numel())
+            offsets[k] = (dt, widths.get(dt, 0), w)
+            widths[dt] = widths.get(dt, 0) + w
+        self.tables = {dt: torch.zeros((self.capacity, w), dtype=dt, device=self.device) for dt, w in widths.items()}
+        self.shapes = {k: shape for k, (shape, _) in fields.items()}
+        self.offsets = offsets
+        self.data = {k: self._field(self.tables[dt], k) for k, (dt, _, _) in offsets.items()}
         self.ptr = 0
         self.size = 0
         self.stride = 0  # env copies per add: a row's next step in the same env copy is ``stride`` rows on
 
     def __len__(self) -> int:
         return self.size
+
+    def _field(self, rows: torch.Tensor, k: str) -> torch.Tensor:
+        """Field ``k`` as a view of ``rows`` ``[R, width]`` of its dtype's table: ``[R, *shape]``."""
+        _, off, w = self.offsets[k]
+        return rows[:, off:off + w].view(rows.shape[0], *self.shapes[k])
 
     def add(self, obs: BatchObs, action: torch.Tensor, step: BatchStep) -> None:
         """Store the ``E`` transitions of one vector step (successors read from ``step.final``)."""
@@ -161,8 +177,12 @@ class ReplayBuffer:
                 last = torch.where(ok, nxt, last)
                 discount = torch.where(ok, torch.full_like(discount, gamma ** (k + 1)), discount)
                 alive = ok & ~d["done"][nxt]
-        fields = {k: v[idx] for k, v in d.items() if not k.startswith("next_") and k not in ("terminated", "done")}
-        fields.update({k: v[last] for k, v in d.items() if k.startswith("next_") or k == "terminated"})
+        if last is idx:  # single steps: one gather per table, the fields views of the rows
+            rows = {dt: t[idx] for dt, t in self.tables.items()}
+            fields = {k: self._field(rows[dt], k) for k, (dt, _, _) in self.offsets.items() if k != "done"}
+        else:
+            fields = {k: v[idx] for k, v in d.items() if not k.startswith("next_") and k not in ("terminated", "done")}
+            fields.update({k: v[last] for k, v in d.items() if k.startswith("next_") or k == "terminated"})
         fields["reward"] = reward
         return TransitionBatch(**fields, discount=discount)
 
