@@ -1,7 +1,7 @@
 """The whole speed table in one run: raw env stepping (mpe2, pamarl's batched torch MPE, VMAS) and
 pamarl training throughput (``pamarl bench``), with the machine, the versions and every command.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/speed_table.py            # everything (about 5-10 min)
+    PYTHONPATH=src .venv/bin/python benchmarks/speed_table.py            # everything (about 10-15 min)
     PYTHONPATH=src .venv/bin/python benchmarks/speed_table.py --only raw # env stepping only (about 1 min)
 
 Raw stepping: one torch thread, random actions drawn up front (a pool of 16 batches cycled, so neither
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--only", choices=["raw", "train"], default=None)
     p.add_argument("--budget", type=int, default=400_000, help="env steps per raw-stepping row")
-    p.add_argument("--train-steps", type=int, default=102_400, help="env steps per training row")
+    p.add_argument("--train-steps", type=int, default=307_200, help="env steps per training row (mpe2 rows: a quarter)")
     p.add_argument("--harl-python", default=None)
     p.add_argument("--harl-src", default=None)
     args = p.parse_args(argv)
@@ -159,12 +159,20 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((name, None, f"not installed ({err.name})"))
     if args.only in (None, "train"):
         s = str(args.train_steps)
+        quarter = str(args.train_steps // 4)
         for algo in ("happo", "mappo"):
-            quarter = str(args.train_steps // 4)
-            rows.append(bench_row(["--algo", algo, "--env", "mpe/simple_spread_v3", "--steps", quarter]))
-            for e, t in ((128, 50), (512, 50)):
-                rows.append(bench_row(["--algo", algo, "--env", "mpe-torch/simple_spread_v3", "--num-envs", str(e),
-                                       "--rollout-len", str(t), "--steps", s, "--threads", "2"]))
+            # The mpe2 path in HARL's side-by-side configuration (8 envs x 200, 5 epochs, 1 minibatch): one
+            # process, then the env copies in 2 subprocesses and/or 2 torch threads (the second core).
+            for workers, threads in ((0, 1), (2, 1), (0, 2), (2, 2)):
+                rows.append(bench_row(["--algo", algo, "--env", "mpe/simple_spread_v3", "--steps", quarter,
+                                       "--workers", str(workers), "--threads", str(threads)]))
+            # The batched torch MPE: 1,600 samples per gradient step as on the mpe2 path (128 x 50, 4 minibatches:
+            # the same gradient steps per env step), and large-batch configurations.
+            for e, t, mb in ((128, 50, 4), (512, 50, 1), (1024, 50, 1)):
+                for threads in (1, 2):
+                    rows.append(bench_row(["--algo", algo, "--env", "mpe-torch/simple_spread_v3", "--num-envs", str(e),
+                                           "--rollout-len", str(t), "--steps", s, "--threads", str(threads),
+                                           f"minibatches={mb}"]))
         if args.harl_python and args.harl_src:
             rows.append(harl_row(args.harl_python, args.harl_src, args.train_steps // 4))
         else:
