@@ -179,6 +179,22 @@ def test_mfq_train_step_is_the_mean_field_td_loss_then_a_soft_update() -> None:
         assert torch.allclose(t1, 0.5 * o1 + 0.5 * t0)
 
 
+def test_frozen_copies_sample_at_the_learners_temperature() -> None:
+    """A self-play or checkpoint opponent that samples (opponent_explore=true, ``pamarl battle --sample``) is a
+    fresh MFQ whose own env-step count is 0; it must take the learner's temperature with the weights, not
+    restart at temp_start (T=1 here is near-uniform: Q ranges over ~0.4 on battles)."""
+    from pamarl.envs.magent_opponents import clone_policy
+
+    spec = EnvSpec(agent_ids=("a", "b"), obs_dims=(3, 3), state_dim=1, action_kind="discrete", action_dims=(2, 2))
+    learner = _mfq(spec, temp_start=1.0, temp_finish=0.05, temp_anneal_steps=100)
+    learner.env_steps = 1000
+    twin = clone_policy(learner, 1)
+    assert twin.temperature() == pytest.approx(0.05) and twin.env_steps == 1000
+    fresh = _mfq(spec, temp_start=1.0, temp_finish=0.05, temp_anneal_steps=100)
+    fresh.load_policy_state_dict(learner.state_dict())  # a full checkpoint state, as load_policy passes it
+    assert fresh.temperature() == pytest.approx(0.05)
+
+
 def test_il_target_is_max_q_and_has_no_mean_action() -> None:
     spec = EnvSpec(agent_ids=("a", "b"), obs_dims=(3, 3), state_dim=1, action_kind="discrete", action_dims=(2, 2))
     il = get_algorithm("il")(spec, build(get_algorithm("il").Config, {"hidden": [8], "embed": 8}, "il"),
