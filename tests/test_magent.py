@@ -170,8 +170,12 @@ def test_learns_to_beat_a_random_team(name: str, tmp_path) -> None:
     assert learned["kills"] >= baseline["kills"] + 1.5 and learned["deaths"] <= 1.0, (learned, baseline)
 
 
-def test_bench_counts_engine_agent_steps_on_magent_only() -> None:
-    from pamarl.bench import raw_engine_agent_steps
+def test_bench_counts_engine_agent_steps_on_magent_only(tmp_path) -> None:
+    from pamarl.bench import _loop_steps_per_s, raw_engine_agent_steps
+
+    # the training loop's own rate: the last metrics row, timed before the final evaluation and checkpoint
+    (tmp_path / "m.csv").write_text("iteration,env_steps,wall_s\n1,100,2.0\n2,200,8.0\n")
+    assert _loop_steps_per_s(tmp_path / "m.csv") == 25.0
 
     assert raw_engine_agent_steps("mpe/simple_spread_v3", 5) is None
     v = raw_engine_agent_steps("magent2/battle_v4?map_size=20&max_cycles=10", 20)
