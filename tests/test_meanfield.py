@@ -247,3 +247,35 @@ def test_runs_on_many_agent_spread_and_resumes(name: str, tmp_path) -> None:
     b = json.loads((resumed.run_dir / "summary.json").read_text())
     assert a["env_steps"] == b["env_steps"] == 200
     assert a["eval/return_mean"] == pytest.approx(b["eval/return_mean"])
+
+
+def test_mfac_critic_loss_and_replayed_critic_steps() -> None:
+    """MF-AC's critic loss is ``(Q(o, a, mean_a) - y)^2`` with ``y = r + gamma (1 - done) sum_a' pi(a' | o')
+    Q(o', a', mean_a')`` (eqs. 9-11, the actor as the policy); ``critic_updates`` extra critic-only steps on
+    replayed rows move the critic and leave the actor to the joint step."""
+    from pamarl.algos.base import Progress
+    from pamarl.algos.mfac import MFAC, MFACConfig
+
+    spec = EnvSpec(agent_ids=("a", "b"), obs_dims=(3, 3), state_dim=1, action_kind="discrete", action_dims=(2, 2))
+    cfg = build(MFACConfig, {"hidden": [8], "embed": 8, "mean_embed": 4, "gamma": 0.9, "critic_replay": 64,
+                             "critic_updates": 3, "critic_batch": 4}, "mfac")
+    algo = MFAC(spec, cfg, TrainConfig(algo="mfac", num_envs=1, rollout_len=2, seed=0), torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    b = {"obs": torch.randn(4, 3, generator=g), "next_obs": torch.randn(4, 3, generator=g),
+         "action": torch.tensor([0, 1, 1, 0]), "reward": torch.tensor([1.0, 0.0, -1.0, 0.5]),
+         "done": torch.tensor([0.0, 1.0, 0.0, 0.0]), "mean": torch.tensor([[0.5, 0.5]] * 4),
+         "next_mean": torch.tensor([[1.0, 0.0]] * 4), "next_mask": torch.ones(4, 2, dtype=torch.bool)}
+    with torch.no_grad():
+        q = algo.critic(b["obs"], b["mean"])[torch.arange(4), b["action"]]
+        pi = torch.softmax(algo.actor(b["next_obs"]), -1)
+        y = b["reward"] + 0.9 * (1 - b["done"]) * (pi * algo.critic(b["next_obs"], b["next_mean"])).sum(-1)
+        assert torch.isclose(algo.critic_loss(b), ((q - y) ** 2).mean())
+    assert algo.replay is not None
+    algo.replay.add(b)
+    algo.batch.add(b)
+    critic0 = [p.detach().clone() for p in algo.critic.parameters()]
+    m = algo.update(Progress(iteration=0, total_iterations=1, env_steps=1))
+    assert "loss/critic_replay" in m and len(algo.replay) == 4 and len(algo.batch) == 0
+    assert any(not torch.equal(a, b2) for a, b2 in zip(critic0, algo.critic.parameters()))
+    with pytest.raises(UsageError, match="critic_replay"):
+        build(MFACConfig, {"critic_updates": 2}, "mfac")
