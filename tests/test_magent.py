@@ -170,8 +170,12 @@ def test_learns_to_beat_a_random_team(name: str, tmp_path) -> None:
     assert learned["kills"] >= baseline["kills"] + 1.5 and learned["deaths"] <= 1.0, (learned, baseline)
 
 
-def test_bench_counts_engine_agent_steps_on_magent_only() -> None:
-    from pamarl.bench import raw_engine_agent_steps
+def test_bench_counts_engine_agent_steps_on_magent_only(tmp_path) -> None:
+    from pamarl.bench import _loop_steps_per_s, raw_engine_agent_steps
+
+    # the training loop's own rate: the last metrics row, timed before the final evaluation and checkpoint
+    (tmp_path / "m.csv").write_text("iteration,env_steps,wall_s\n1,100,2.0\n2,200,8.0\n")
+    assert _loop_steps_per_s(tmp_path / "m.csv") == 25.0
 
     assert raw_engine_agent_steps("mpe/simple_spread_v3", 5) is None
     v = raw_engine_agent_steps("magent2/battle_v4?map_size=20&max_cycles=10", 20)
@@ -203,3 +207,53 @@ def test_self_play_opponent_is_a_lagged_copy_refreshed_by_rule() -> None:
     assert opp.refreshes == 2 and len(opp.pool) == 1
     assert torch.equal(opp.algo.qnet.head[0].weight, learner.qnet.head[0].weight)
     env.close()
+
+
+def _roll(env_id: str, workers: int, steps: int) -> tuple[list[torch.Tensor], list[dict[str, float]], list[int]]:
+    env = make_env(env_id, num_envs=3, workers=workers, seed=4)
+    obs = env.reset(seed=4)
+    g = torch.Generator().manual_seed(0)
+    out = [obs.obs.clone(), obs.state.clone()]
+    for _ in range(steps):
+        st = env.step(torch.randint(0, env.spec.act_dim, (3, env.spec.n_agents), generator=g))
+        out += [st.next.obs, st.final.obs, st.reward, st.final.active, st.next.active, st.next.first, st.terminated,
+                st.truncated, st.next.state, st.final.state]
+    outcomes, side = list(env.outcomes), env.side.tolist()
+    env.close()
+    return out, outcomes, side
+
+
+@pytest.mark.parametrize("opponent", ["random", "script"])
+def test_subprocess_workers_give_the_same_steps_as_in_process(opponent: str) -> None:
+    """env_workers=2 (copies 0 and 1-2 in two spawned processes) steps exactly as one in-process env: the
+    random opponent draws in the learner's process, the scripted one in the workers."""
+    env_id = f"magent2/battle_v4?map_size=20&max_cycles=40&opponent={opponent}"
+    a, b = _roll(env_id, 0, 90), _roll(env_id, 2, 90)
+    assert len(a[1]) >= 6 and a[1] == b[1] and a[2] == b[2]
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+
+
+def test_subprocess_workers_train_self_play_like_in_process(tmp_path) -> None:
+    """A short MF-Q self-play run (the opponent is refreshed from the learner, in the learner's process) gives
+    the same metrics with env_workers=2 as with env_workers=0."""
+    import csv
+
+    from conftest import quick_run
+
+    from pamarl.algos.registry import get_algorithm
+    from pamarl.config import build
+    from pamarl.runner import train
+
+    env_id = "magent2/battle_v4?map_size=20&max_cycles=30&opponent=self&self_refresh=2"
+    cfg = build(get_algorithm("mfq").Config, dict(conv_channels=[4], embed=16, mean_embed=8, hidden=[16],
+                                                   batch_size=32, learning_starts=100, agent_steps_per_update=64,
+                                                   buffer_size=5000), "mfq")
+    rows = []
+    for w in (0, 2):
+        run = quick_run(tmp_path, name=f"w{w}", algo="mfq", env=env_id, steps=240, num_envs=3, rollout_len=10,
+                        eval_episodes=1, seed=3, env_workers=w)
+        res = train(run, cfg, quiet=True)
+        with open(res.run_dir / "metrics.csv") as f:
+            rows.append([{k: v for k, v in r.items() if k != "wall_s"} for r in csv.DictReader(f)])
+    assert len(rows[0]) >= 8 and rows[0] == rows[1]
+    assert float(rows[0][-1]["train/updates"]) > 10 and any(r["train/return_mean"] for r in rows[0])

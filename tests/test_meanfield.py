@@ -179,6 +179,22 @@ def test_mfq_train_step_is_the_mean_field_td_loss_then_a_soft_update() -> None:
         assert torch.allclose(t1, 0.5 * o1 + 0.5 * t0)
 
 
+def test_frozen_copies_sample_at_the_learners_temperature() -> None:
+    """A self-play or checkpoint opponent that samples (opponent_explore=true, ``pamarl battle --sample``) is a
+    fresh MFQ whose own env-step count is 0; it must take the learner's temperature with the weights, not
+    restart at temp_start (T=1 here is near-uniform: Q ranges over ~0.4 on battles)."""
+    from pamarl.envs.magent_opponents import clone_policy
+
+    spec = EnvSpec(agent_ids=("a", "b"), obs_dims=(3, 3), state_dim=1, action_kind="discrete", action_dims=(2, 2))
+    learner = _mfq(spec, temp_start=1.0, temp_finish=0.05, temp_anneal_steps=100)
+    learner.env_steps = 1000
+    twin = clone_policy(learner, 1)
+    assert twin.temperature() == pytest.approx(0.05) and twin.env_steps == 1000
+    fresh = _mfq(spec, temp_start=1.0, temp_finish=0.05, temp_anneal_steps=100)
+    fresh.load_policy_state_dict(learner.state_dict())  # a full checkpoint state, as load_policy passes it
+    assert fresh.temperature() == pytest.approx(0.05)
+
+
 def test_il_target_is_max_q_and_has_no_mean_action() -> None:
     spec = EnvSpec(agent_ids=("a", "b"), obs_dims=(3, 3), state_dim=1, action_kind="discrete", action_dims=(2, 2))
     il = get_algorithm("il")(spec, build(get_algorithm("il").Config, {"hidden": [8], "embed": 8}, "il"),
@@ -231,3 +247,35 @@ def test_runs_on_many_agent_spread_and_resumes(name: str, tmp_path) -> None:
     b = json.loads((resumed.run_dir / "summary.json").read_text())
     assert a["env_steps"] == b["env_steps"] == 200
     assert a["eval/return_mean"] == pytest.approx(b["eval/return_mean"])
+
+
+def test_mfac_critic_loss_and_replayed_critic_steps() -> None:
+    """MF-AC's critic loss is ``(Q(o, a, mean_a) - y)^2`` with ``y = r + gamma (1 - done) sum_a' pi(a' | o')
+    Q(o', a', mean_a')`` (eqs. 9-11, the actor as the policy); ``critic_updates`` extra critic-only steps on
+    replayed rows move the critic and leave the actor to the joint step."""
+    from pamarl.algos.base import Progress
+    from pamarl.algos.mfac import MFAC, MFACConfig
+
+    spec = EnvSpec(agent_ids=("a", "b"), obs_dims=(3, 3), state_dim=1, action_kind="discrete", action_dims=(2, 2))
+    cfg = build(MFACConfig, {"hidden": [8], "embed": 8, "mean_embed": 4, "gamma": 0.9, "critic_replay": 64,
+                             "critic_updates": 3, "critic_batch": 4}, "mfac")
+    algo = MFAC(spec, cfg, TrainConfig(algo="mfac", num_envs=1, rollout_len=2, seed=0), torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    b = {"obs": torch.randn(4, 3, generator=g), "next_obs": torch.randn(4, 3, generator=g),
+         "action": torch.tensor([0, 1, 1, 0]), "reward": torch.tensor([1.0, 0.0, -1.0, 0.5]),
+         "done": torch.tensor([0.0, 1.0, 0.0, 0.0]), "mean": torch.tensor([[0.5, 0.5]] * 4),
+         "next_mean": torch.tensor([[1.0, 0.0]] * 4), "next_mask": torch.ones(4, 2, dtype=torch.bool)}
+    with torch.no_grad():
+        q = algo.critic(b["obs"], b["mean"])[torch.arange(4), b["action"]]
+        pi = torch.softmax(algo.actor(b["next_obs"]), -1)
+        y = b["reward"] + 0.9 * (1 - b["done"]) * (pi * algo.critic(b["next_obs"], b["next_mean"])).sum(-1)
+        assert torch.isclose(algo.critic_loss(b), ((q - y) ** 2).mean())
+    assert algo.replay is not None
+    algo.replay.add(b)
+    algo.batch.add(b)
+    critic0 = [p.detach().clone() for p in algo.critic.parameters()]
+    m = algo.update(Progress(iteration=0, total_iterations=1, env_steps=1))
+    assert "loss/critic_replay" in m and len(algo.replay) == 4 and len(algo.batch) == 0
+    assert any(not torch.equal(a, b2) for a, b2 in zip(critic0, algo.critic.parameters()))
+    with pytest.raises(UsageError, match="critic_replay"):
+        build(MFACConfig, {"critic_updates": 2}, "mfac")

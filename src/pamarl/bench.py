@@ -16,6 +16,7 @@ import resource
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,6 +77,19 @@ def raw_engine_agent_steps(env_id: str, steps: int, seed: int = 0) -> float | No
     return n / max(dt, 1e-9)
 
 
+def _loop_steps_per_s(metrics_csv: Any) -> float:
+    """Env steps per second of the training loop alone (collect + update), from the last row of a run's
+    ``metrics.csv``: its ``wall_s`` is taken before the final evaluation and checkpoint, which on a large battle
+    (one evaluation episode of up to ``max_cycles`` steps) can cost as much as the training being timed."""
+    import csv
+
+    with open(metrics_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return float("nan")
+    return float(rows[-1]["env_steps"]) / max(float(rows[-1]["wall_s"]), 1e-9)
+
+
 def peak_memory_mb() -> dict[str, float]:
     me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -110,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu0 = time.process_time()
         res = train(run, algo_cfg, quiet=True)
         cpu = time.process_time() - cpu0
+        loop_rate = _loop_steps_per_s(res.run_dir / "metrics.csv")
     mem = peak_memory_mb()
     engine = raw_engine_agent_steps(args.env, 200)
     out = {
@@ -124,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if engine is not None:  # many-agent battles: count agent-steps (the learning team's agents per env step)
         n = res.n_agents
         out.update(train_agent_steps_per_s=round(res.steps_per_s * n, 1), raw_agent_steps_per_s=round(raw * n, 1),
+                   train_loop_agent_steps_per_s=round(loop_rate * n, 1),
                    engine_agent_steps_per_cpu_s=round(engine, 1), learning_agents=n)
     if args.json:
         print(json.dumps(out, indent=2))
@@ -134,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{out['train_steps_per_cpu_s']:,.0f} per CPU second of all threads, setup included)")
         print(f"  raw env  : {out['raw_env_steps_per_s']:>9,.0f} env steps/s (random actions, no learning)")
         if engine is not None:
-            print(f"  agent-steps/s: training {out['train_agent_steps_per_s']:,.0f}, wrapper with random actions "
+            print(f"  agent-steps/s: training {out['train_agent_steps_per_s']:,.0f} (training loop alone, without the "
+                  f"final evaluation episode and checkpoint: {out['train_loop_agent_steps_per_s']:,.0f}), wrapper with "
+                  "random actions "
                   f"{out['raw_agent_steps_per_s']:,.0f} ({out['learning_agents']} learning agents per env step); "
                   f"bare engine {engine:,.0f} per CPU second (both teams)")
         print(f"  peak RSS : {mem['main_mb']:,.0f} MB main process, {mem['largest_child_mb']:,.0f} MB largest child")

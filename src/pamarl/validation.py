@@ -252,6 +252,9 @@ RULES: dict[str, Rule] = {
     "chunk": positive(int, resume=True),
     "value_coef": nonneg(float, resume=True),
     "ent_coef": nonneg(float, resume=True),
+    "critic_replay": nonneg(int, resume=True),
+    "critic_updates": nonneg(int, resume=True),
+    "critic_batch": positive(int, resume=True),
     # DQN with parameter averaging
     "n_learners": positive(int, resume="each learner's networks, optimiser and replay are in the checkpoint"),
     "sync_every": positive(int, resume=True),

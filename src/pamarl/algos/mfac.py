@@ -11,6 +11,12 @@ runner iteration learns from the agent transitions it just collected, then forge
   ``-(log pi(a | o) (Q(o, a, mean_a) - V(o))) - ent_coef H(pi(. | o))``.
 
 Deaths are terminal transitions (kept). Acting samples from the actor; evaluation takes its argmax.
+
+Option (not in the paper): ``critic_replay=K critic_updates=U`` keeps the last ``K`` agent transitions and
+takes ``U`` critic-only steps per iteration on sampled rows before the joint step. The critic's v^MF target is
+an expectation over the current actor, so older transitions are valid data for it. Without it, on a battle
+the on-policy critic learns the +0.2 of hitting an adjacent enemy (0.6% of transitions under random play)
+too slowly: the actor follows the attack penalty (-0.1) first and the team learns to stand still.
 """
 
 from __future__ import annotations
@@ -43,6 +49,16 @@ class MFACConfig(LearnerConfig):
     """Weight of the critic loss in the joint loss (the authors' 0.1)."""
     ent_coef: float = 0.08
     """Entropy bonus weight (the authors' 0.08)."""
+    critic_replay: int = 0
+    """Agent transitions kept in a replay for extra critic steps (0: purely on-policy, as the authors). The
+    critic's target ``r + gamma (1 - done) sum_a' pi(a' | o') Q(o', a', mean_a')`` takes the expectation over
+    the *current* actor, so it is correct on transitions of older policies (expected-SARSA style); this lets the
+    critic learn rare events (a hit on an adjacent enemy: 0.6% of transitions under random play) before the
+    actor, following its advantage, gives attacks up."""
+    critic_updates: int = 0
+    """Critic-only gradient steps per iteration on ``critic_batch`` rows sampled from ``critic_replay``."""
+    critic_batch: int = 256
+    """Rows per critic-only step."""
     chunk: int = 4096
     """Agent transitions per backward pass (gradients are accumulated; one optimiser step per iteration)."""
     neighbourhood: str = "team"
@@ -63,6 +79,10 @@ class MFACConfig(LearnerConfig):
             raise UsageError("gamma must lie in [0, 1]; chunk >= 1; ent_coef, value_coef >= 0")
         if self.neighbourhood not in ("team", "radius"):
             raise UsageError(f"neighbourhood must be 'team' or 'radius', got {self.neighbourhood!r}")
+        if self.critic_replay < 0 or self.critic_updates < 0 or self.critic_batch < 1:
+            raise UsageError("critic_replay and critic_updates must be >= 0 and critic_batch >= 1")
+        if self.critic_updates > 0 and self.critic_replay == 0:
+            raise UsageError("critic_updates > 0 needs a critic_replay (its capacity in agent transitions)")
 
 
 @register
@@ -93,6 +113,8 @@ class MFAC(Algorithm):
         self._mean: torch.Tensor | None = None
         cap = max(1, run.num_envs * run.rollout_len * spec.n_agents)
         self.batch = AgentReplay(cap, spec.obs_dim, A, self.mean_dim, device, torch.float32)
+        self.replay = AgentReplay(cfg.critic_replay, spec.obs_dim, A, self.mean_dim, device, torch.float16) \
+            if cfg.critic_replay > 0 else None
         self.env_steps = 0
         self.updates = 0
 
@@ -113,12 +135,25 @@ class MFAC(Algorithm):
         return ActOut(env_action=a.cpu(), action=a)
 
     def observe(self, obs: BatchObs, out: ActOut, step: BatchStep) -> None:
-        self.batch.add(agent_rows(obs, out.action, self._mean, step, self.tracker, self.device))
+        rows = agent_rows(obs, out.action, self._mean, step, self.tracker, self.device)
+        self.batch.add(rows)
+        if self.replay is not None:
+            self.replay.add(rows)
         self.env_steps += obs.obs.shape[0]
 
     def reset_rollout(self) -> None:
         if self.tracker is not None:
             self.tracker.reset()
+
+    def critic_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The critic's TD loss alone, ``(Q(o, a, mean_a) - y)^2`` with ``y`` as in :meth:`losses` (eqs. 9-11
+        with the current actor as the policy of v^MF)."""
+        q = self.critic(b["obs"], b["mean"]).gather(-1, b["action"].unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            nl = self.actor(b["next_obs"]).masked_fill(~b["next_mask"], -1e9)
+            v_next = mf_value(torch.softmax(nl, -1), self.critic(b["next_obs"], b["next_mean"]))
+            y = mf_target(b["reward"], b["done"], v_next, self.cfg.gamma)
+        return (q - y).pow(2).mean()
 
     def losses(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Joint loss ``actor + value_coef * critic`` (means over the rows of ``b``)."""
@@ -144,6 +179,21 @@ class MFAC(Algorithm):
         n = len(self.batch)
         if n == 0:
             return {}
+        extra: dict[str, float] = {}
+        if self.replay is not None and self.cfg.critic_updates > 0 and len(self.replay) > 0:
+            crit = list(self.critic.parameters())
+            total = 0.0
+            for _ in range(self.cfg.critic_updates):
+                closs = self.critic_loss(self.replay.sample(self.cfg.critic_batch, self.generator))
+                if not torch.isfinite(closs):
+                    raise TrainingError(f"{self.name} critic loss became NaN/inf; lower lr and restart")
+                self.opt.zero_grad(set_to_none=True)
+                closs.backward()
+                if self.cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(crit, self.cfg.max_grad_norm)
+                self.opt.step()
+                total += float(closs.detach())
+            extra["loss/critic_replay"] = total / self.cfg.critic_updates
         data = self.batch.newest(n)
         self.opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
@@ -161,7 +211,7 @@ class MFAC(Algorithm):
         self.opt.step()
         self.batch.clear()
         self.updates += 1
-        return {**sums, "train/grad_norm": float(norm), "train/agent_transitions": float(n),
+        return {**sums, **extra, "train/grad_norm": float(norm), "train/agent_transitions": float(n),
                 "train/batch_mb": self.batch.nbytes() / 2**20, "train/updates": float(self.updates)}
 
     def policy_state_dict(self) -> dict[str, Any]:

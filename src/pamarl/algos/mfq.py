@@ -205,12 +205,18 @@ class MFQ(OffPolicyAlgorithm):
 
     # ------------------------------------------------------------------ policy weights (opponents)
     def policy_state_dict(self) -> dict[str, Any]:
-        return {"nets": {"qnet": self.qnet.state_dict()}}
+        """The acting network and the env-step count that sets the Boltzmann temperature (eq. 12), so that a
+        frozen copy that samples (a self-play or checkpoint opponent with ``opponent_explore=true``,
+        ``pamarl battle --sample``) samples at the learner's temperature, not at ``temp_start``."""
+        return {"nets": {"qnet": self.qnet.state_dict()}, "counters": {"env_steps": self.env_steps}}
 
     def load_policy_state_dict(self, state: dict[str, Any]) -> None:
-        """Load the acting network from :meth:`policy_state_dict` or a full checkpoint state."""
+        """Load the acting network (and the temperature's env-step count when given) from
+        :meth:`policy_state_dict` or a full checkpoint state."""
         self.qnet.load_state_dict(state["nets"]["qnet"])
         self.target_qnet.load_state_dict(state["nets"]["qnet"])
+        if "counters" in state:
+            self.env_steps = int(state["counters"]["env_steps"])
 
 
 def il_next_value(algo: MFQ, b: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -98,7 +98,8 @@ class MAgentEnv(BatchedEnv):
     def __init__(self, task: str, num_envs: int = 1, seed: int | None = None, device: str = "cpu",
                  map_size: int | None = None, max_cycles: int | None = None, minimap_mode: bool = False,
                  extra_features: bool = False, opponent: str = "random", team: int | None = None, swap: bool = True,
-                 self_refresh: int = 50, self_pool: int = 1, opponent_explore: bool = False, **reward_args: Any):
+                 self_refresh: int = 50, self_pool: int = 1, opponent_explore: bool = False, copy_offset: int = 0,
+                 **reward_args: Any):
         info = TASKS[task]
         mod = importlib.import_module(info.module)
         defaults = dict(getattr(mod, info.reward_args_name, {}))
@@ -108,6 +109,9 @@ class MAgentEnv(BatchedEnv):
                              f"reward options: {sorted(defaults)}; "
                              "others: map_size, max_cycles, minimap_mode, extra_features, opponent, team, swap, "
                              "self_refresh, self_pool, opponent_explore")
+        self.copy_offset = int(copy_offset)
+        """Global index of this object's first copy (subprocess workers hold a slice of the copies): copy ``i``
+        is seeded ``seed + copy_offset + i`` and starts on side ``(team + copy_offset + i) % 2``."""
         self.task, self.info = task, info
         self.num_envs = int(num_envs)
         self.device = torch.device(device)
@@ -120,8 +124,8 @@ class MAgentEnv(BatchedEnv):
         cls = mod._parallel_env
         base_seed = 0 if seed is None else int(seed)
         try:
-            self.copies = [cls(self.map_size, self.minimap, args, self.max_cycles, self.extra, None, base_seed + i)
-                           for i in range(self.num_envs)]
+            self.copies = [cls(self.map_size, self.minimap, args, self.max_cycles, self.extra, None,
+                               base_seed + self.copy_offset + i) for i in range(self.num_envs)]
         except AssertionError as e:  # magent2 checks its arguments with asserts (e.g. the smallest map)
             raise UsageError(f"magent2/{task}: {e}") from e
         self.handles = list(self.copies[0].handles)
@@ -138,7 +142,8 @@ class MAgentEnv(BatchedEnv):
         else:
             self.n = sizes[lt]
             self.n_opp = sizes[1 - lt] if self.two_teams else 0
-        self.side = np.array([(lt + i) % 2 if self.swap else lt for i in range(self.num_envs)], dtype=np.int64)
+        self.side = np.array([(lt + self.copy_offset + i) % 2 if self.swap else lt for i in range(self.num_envs)],
+                             dtype=np.int64)
         hv = self.handles[lt]
         # Per role (0 learner, 1 opponent): the teams of the asymmetric tasks see different views.
         self.layouts: list[ObsLayout] = []
@@ -176,9 +181,10 @@ class MAgentEnv(BatchedEnv):
         self.opponent_kind = opponent
         self.opponent: Opponent | None = None
         if self.two_teams:
-            self.opponent = make_opponent(opponent, self, explore=bool(opponent_explore), refresh=int(self_refresh),
-                                          pool=int(self_pool))
-        elif opponent not in ("random", "none"):
+            if opponent != "external":  # external: the caller passes the opponent's actions to step_arrays
+                self.opponent = make_opponent(opponent, self, explore=bool(opponent_explore),
+                                              refresh=int(self_refresh), pool=int(self_pool))
+        elif opponent not in ("random", "none", "external"):
             raise UsageError(f"magent2/{task} has one team; it takes no opponent (got opponent={opponent!r})")
         self._deltas: np.ndarray | None = None
         self._obs: list[np.ndarray] = []  # per role: [E, n_role, obs_dim]
@@ -266,26 +272,29 @@ class MAgentEnv(BatchedEnv):
         alive = [np.zeros((E, self.role_size(r)), bool) for r in range(roles)]
         return obs, alive
 
-    def _batch(self, obs: np.ndarray, alive: np.ndarray, first: np.ndarray) -> BatchObs:
-        dev = self.device
+    def _arrays(self, obs: np.ndarray, alive: np.ndarray, first: np.ndarray) -> dict[str, np.ndarray]:
         # No copies: every step writes fresh arrays (_alloc), so published ones are never written again.
-        b = BatchObs(
-            obs=torch.from_numpy(obs).to(dev),
-            state=torch.from_numpy(self._state()).to(dev),
-            action_mask=torch.ones(*alive.shape, self.n_actions, dtype=torch.bool, device=dev),
-            active=torch.from_numpy(alive).to(dev),
-            first=torch.from_numpy(first.copy()).to(dev),
-        )
-        return b
+        return {"obs": obs, "state": self._state(), "active": alive, "first": first.copy()}
+
+    def _batch(self, obs: np.ndarray, alive: np.ndarray, first: np.ndarray) -> BatchObs:
+        return batch_obs(self._arrays(obs, alive, first), self.n_actions, self.device)
 
     def opponent_obs(self) -> BatchObs:
         """The opponent team's current observation (role 1), for opponent policies."""
         return self._batch(self._obs[1], self._alive[1], self._first)
 
+    def opponent_arrays(self) -> dict[str, np.ndarray] | None:
+        """:meth:`opponent_obs` as numpy arrays (None on one-team tasks)."""
+        return self._arrays(self._obs[1], self._alive[1], self._first) if self.two_teams else None
+
     # ------------------------------------------------------------------ BatchedEnv
     def reset(self, seed: int | None = None) -> BatchObs:
+        return batch_obs(self.reset_arrays(seed), self.n_actions, self.device)
+
+    def reset_arrays(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        """:meth:`reset` as numpy arrays (what a subprocess worker sends)."""
         for e in range(self.num_envs):
-            self._reset_copy(e, None if seed is None else seed + e)
+            self._reset_copy(e, None if seed is None else seed + self.copy_offset + e)
         if seed is not None:
             self._rng = np.random.default_rng(seed)
             if self.opponent is not None:
@@ -294,18 +303,34 @@ class MAgentEnv(BatchedEnv):
         for e in range(self.num_envs):
             self._read(e, self._obs, self._alive, pre_clear=False)
         self._first[:] = True
-        return self._batch(self._obs[0], self._alive[0], self._first)
+        return self._arrays(self._obs[0], self._alive[0], self._first)
+
+    def check_actions(self, actions: Any) -> np.ndarray:
+        """The learner's ``[E, N]`` actions as int32 numpy, checked (bad ones would corrupt the engine)."""
+        a = torch.as_tensor(actions).detach().cpu().numpy().astype(np.int32)
+        if a.shape != (self.num_envs, self.n):
+            raise UsageError(f"magent2/{self.task}: actions must be [E, N] = {(self.num_envs, self.n)}, "
+                             f"got {tuple(a.shape)}")
+        if a.size and (a.min() < 0 or a.max() >= self.n_actions):
+            raise UsageError(f"magent2/{self.task}: actions must lie in [0, {self.n_actions})")
+        return a
 
     def step(self, actions: torch.Tensor) -> BatchStep:
         if not self._obs:
             raise RuntimeError("MAgentEnv.step called before reset")
-        a = torch.as_tensor(actions).detach().cpu().numpy().astype(np.int32)
-        E = self.num_envs
-        if a.shape != (E, self.n):
-            raise UsageError(f"magent2/{self.task}: actions must be [E, N] = {(E, self.n)}, got {tuple(a.shape)}")
-        if a.size and (a.min() < 0 or a.max() >= self.n_actions):
-            raise UsageError(f"magent2/{self.task}: actions must lie in [0, {self.n_actions})")
+        a = self.check_actions(actions)
         opp = self.opponent.act(self) if self.opponent is not None else None
+        return batch_step(self.step_arrays(a, opp), self.n_actions, self.device)
+
+    def step_arrays(self, a: np.ndarray, opp: np.ndarray | None) -> dict[str, Any]:
+        """One step of every copy with the learner's actions ``a`` and the opponent's ``opp`` (``[E, n_opp]``;
+        None: the opponent stays at action 0), as numpy arrays: ``next``, ``final`` (observation dicts),
+        ``reward``, ``terminated``, ``truncated``, ``episodes``, ``outcomes`` (of the episodes that ended),
+        ``side`` and ``opponent_next`` (the opponent's next observation)."""
+        if not self._obs:
+            raise RuntimeError("MAgentEnv.step called before reset")
+        E = self.num_envs
+        n_out = len(self.outcomes)
         obs, alive = self._alloc()
         rew = np.zeros((E, self.n), np.float32)
         term = np.zeros(E, bool)
@@ -348,7 +373,7 @@ class MAgentEnv(BatchedEnv):
         t_final = self._t.copy()
         self._obs, self._alive = obs, alive
         self._first[:] = False
-        final = self._batch(obs[0], alive[0], self._first)
+        final = self._arrays(obs[0], alive[0], self._first)
         ended = np.nonzero(term | trunc)[0]
         for e in ended.tolist():
             episodes.append(self._finish(e, final_alive, hp_final, int(t_final[e]), bool(trunc[e])))
@@ -361,13 +386,12 @@ class MAgentEnv(BatchedEnv):
                 self._reset_copy(e, None)
                 self._read(e, next_obs, next_alive, pre_clear=False)
             self._obs, self._alive = next_obs, next_alive
-            nxt = self._batch(next_obs[0], next_alive[0], self._first)
+            nxt = self._arrays(next_obs[0], next_alive[0], self._first)
         else:
             nxt = final
-        dev = self.device
-        return BatchStep(next=nxt, final=final, reward=torch.from_numpy(rew).to(dev), cost=None,
-                         terminated=torch.from_numpy(term).to(dev), truncated=torch.from_numpy(trunc).to(dev),
-                         episodes=episodes)
+        return {"next": nxt, "final": final, "reward": rew, "terminated": term, "truncated": trunc,
+                "episodes": episodes, "outcomes": self.outcomes[n_out:], "side": self.side.copy(),
+                "opponent_next": self.opponent_arrays()}
 
     def _finish(self, e: int, alive: list[np.ndarray], hp: np.ndarray, length: int, truncated: bool) -> EpisodeStats:
         n_l = int(self._init_size[e, int(self.side[e])])
@@ -412,8 +436,33 @@ class MAgentEnv(BatchedEnv):
             p.close()
 
 
-def make_magent(task: str, num_envs: int = 1, seed: int | None = None, device: str = "cpu", **kw: Any) -> MAgentEnv:
+def batch_obs(d: dict[str, np.ndarray], n_actions: int, device: torch.device | str = "cpu") -> BatchObs:
+    """A :class:`BatchObs` from the arrays of :meth:`MAgentEnv.reset_arrays` (every action is allowed)."""
+    alive = d["active"]
+    return BatchObs(obs=torch.from_numpy(d["obs"]).to(device), state=torch.from_numpy(d["state"]).to(device),
+                    action_mask=torch.ones(*alive.shape, n_actions, dtype=torch.bool, device=device),
+                    active=torch.from_numpy(alive).to(device), first=torch.from_numpy(d["first"]).to(device))
+
+
+def batch_step(d: dict[str, Any], n_actions: int, device: torch.device | str = "cpu") -> BatchStep:
+    """A :class:`BatchStep` from the arrays of :meth:`MAgentEnv.step_arrays`."""
+    return BatchStep(next=batch_obs(d["next"], n_actions, device), final=batch_obs(d["final"], n_actions, device),
+                     reward=torch.from_numpy(d["reward"]).to(device), cost=None,
+                     terminated=torch.from_numpy(d["terminated"]).to(device),
+                     truncated=torch.from_numpy(d["truncated"]).to(device), episodes=d["episodes"])
+
+
+def make_magent(task: str, num_envs: int = 1, seed: int | None = None, device: str = "cpu", workers: int = 0,
+                **kw: Any) -> BatchedEnv:
+    """``E`` copies in this process (``workers=0``) or spread over ``workers`` subprocesses
+    (:class:`pamarl.envs.magent_workers.MAgentWorkers`, same results for a fixed seed)."""
     kw.pop("render_mode", None)
+    if int(kw.get("copy_offset", 0)) != 0 or kw.get("opponent") == "external":
+        raise UsageError(f"magent2/{task}: copy_offset and opponent=external are internal (subprocess workers)")
+    if workers > 0:
+        from pamarl.envs.magent_workers import MAgentWorkers
+
+        return MAgentWorkers(task, num_envs=num_envs, workers=workers, seed=seed, device=device, **kw)
     return MAgentEnv(task, num_envs=num_envs, seed=seed, device=device, **kw)
 
 
@@ -425,5 +474,6 @@ register_family(
         tasks={k: v.description for k, v in TASKS.items()},
         make_batched=make_magent,
         extra="magent",
+        batched_workers=True,
     )
 )

@@ -49,6 +49,8 @@ class EnvFamily:
     """Accept task names outside ``tasks`` (e.g. any importable PettingZoo env)."""
     make_single: Callable[..., MultiAgentEnv] | None = None
     make_batched: Callable[..., BatchedEnv] | None = None
+    batched_workers: bool = False
+    """``make_batched`` takes ``workers=W`` and spreads its copies over ``W`` subprocesses itself."""
     extra: str | None = None
     """The optional dependency group (``pip install pamarl[extra]``) the family needs, if any."""
     default_cost_limit: float | None = None
@@ -239,6 +241,10 @@ def make_env(
     fam, task, params = resolve(env_id)
     params = {**params, **overrides}
     if fam.make_batched is not None:
+        if fam.batched_workers and workers > 0:
+            if backend != "local":
+                raise UsageError(f"env {env_id}: its subprocess workers are local only; set env_backend=local")
+            params = {**params, "workers": workers}
         try:
             return fam.make_batched(task, num_envs=num_envs, seed=seed, device=device, **params)
         except TypeError as e:
