@@ -38,6 +38,10 @@ learning team alternates between the red (left) and blue (right) group from one 
 
 Outcomes of finished episodes are kept in :attr:`MAgentEnv.outcomes` (survivors, kills, returns, winner
 by :func:`winner`) for ``pamarl battle``.
+
+Length: about 480 lines of one concern, one batched engine copy set: the five tasks' options, the per-team
+step with alive masks and terminal transitions, and the array-level step that the subprocess workers
+(:mod:`pamarl.envs.magent_workers`) share; splitting it would spread one state machine over two files.
 """
 
 from __future__ import annotations
