@@ -78,6 +78,12 @@ class MAgentWorkers(BatchedEnv):
     """``E`` MAgent2 copies over ``W`` subprocesses, behind the same interface as :class:`MAgentEnv`
     (``outcomes``, ``side``, ``attach_learner``, ``opponent_obs``, ``render``)."""
 
+    # Copied from the first worker's MAgentEnv (``_META``), declared here for the type checker.
+    n: int
+    n_actions: int
+    two_teams: bool
+    task: str
+
     def __init__(self, task: str, num_envs: int = 1, workers: int = 1, seed: int | None = None,
                  device: str = "cpu", opponent: str = "random", opponent_explore: bool = False,
                  self_refresh: int = 50, self_pool: int = 1, **kw: Any):
