@@ -22,6 +22,7 @@ import numpy as np
 
 from pamarl.distributed.pool import RayPool, WorkerDied, WorkerRestarted
 from pamarl.envs.base import EnvSpec
+from pamarl.envs.procs import split
 from pamarl.envs.vector import EnvFn, EnvGroup, VectorEnv
 
 
@@ -59,10 +60,8 @@ class RayVectorEnv(VectorEnv):
         self.num_envs = len(env_fns)
         self.workers = max(1, min(int(workers), self.num_envs))
         self._group = None
-        self._conns = []
-        self._procs = []
-        bounds = np.linspace(0, self.num_envs, self.workers + 1).round().astype(int)
-        self._slices = [slice(int(bounds[w]), int(bounds[w + 1])) for w in range(self.workers)]
+        self._procs = None
+        self._slices = split(self.num_envs, self.workers)
         self.pool = RayPool(EnvWorker, [(list(env_fns[sl]),) for sl in self._slices], cpus=cpus,
                             max_restarts=max_restarts, address=address, name=f"pamarl-env-{os.getpid()}-{id(self)}")
         self.spec = self.pool.call_all("spec")[0]

@@ -96,6 +96,16 @@ def winner(alive: tuple[int, int], hp: tuple[float, float] = (0.0, 0.0)) -> floa
     return 0.5
 
 
+def check_actions(actions: Any, task: str, num_envs: int, n: int, n_actions: int) -> np.ndarray:
+    """The learner's ``[E, N]`` actions as int32 numpy, checked (bad ones would corrupt the engine)."""
+    a = torch.as_tensor(actions).detach().cpu().numpy().astype(np.int32)
+    if a.shape != (num_envs, n):
+        raise UsageError(f"magent2/{task}: actions must be [E, N] = {(num_envs, n)}, got {tuple(a.shape)}")
+    if a.size and (a.min() < 0 or a.max() >= n_actions):
+        raise UsageError(f"magent2/{task}: actions must lie in [0, {n_actions})")
+    return a
+
+
 class MAgentEnv(BatchedEnv):
     """``E`` MAgent2 engine copies; the learner plays one team, an opponent policy the other."""
 
@@ -309,20 +319,10 @@ class MAgentEnv(BatchedEnv):
         self._first[:] = True
         return self._arrays(self._obs[0], self._alive[0], self._first)
 
-    def check_actions(self, actions: Any) -> np.ndarray:
-        """The learner's ``[E, N]`` actions as int32 numpy, checked (bad ones would corrupt the engine)."""
-        a = torch.as_tensor(actions).detach().cpu().numpy().astype(np.int32)
-        if a.shape != (self.num_envs, self.n):
-            raise UsageError(f"magent2/{self.task}: actions must be [E, N] = {(self.num_envs, self.n)}, "
-                             f"got {tuple(a.shape)}")
-        if a.size and (a.min() < 0 or a.max() >= self.n_actions):
-            raise UsageError(f"magent2/{self.task}: actions must lie in [0, {self.n_actions})")
-        return a
-
     def step(self, actions: torch.Tensor) -> BatchStep:
         if not self._obs:
             raise RuntimeError("MAgentEnv.step called before reset")
-        a = self.check_actions(actions)
+        a = check_actions(actions, self.task, self.num_envs, self.n, self.n_actions)
         opp = self.opponent.act(self) if self.opponent is not None else None
         return batch_step(self.step_arrays(a, opp), self.n_actions, self.device)
 

@@ -8,7 +8,6 @@ subprocess worker never imports torch). With ``workers=0`` one group runs in thi
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, cast
@@ -16,6 +15,7 @@ from typing import Any, cast
 import numpy as np
 
 from pamarl.envs.base import BatchedEnv, BatchObs, BatchStep, EnvObs, EpisodeStats, MultiAgentEnv
+from pamarl.envs.procs import Handlers, WorkerProcs, serve
 
 EnvFn = Callable[[], MultiAgentEnv]
 _OBS_KEYS = ("obs", "state", "action_mask", "active", "first")
@@ -97,37 +97,11 @@ class EnvGroup:
 
 
 def _worker(conn: Connection, env_fns: Sequence[EnvFn]) -> None:
-    import signal
-
-    # Ctrl-C reaches the whole process group: the parent decides when to stop (after writing a
-    # checkpoint) and closes the workers; a worker dying on its own would only lose that checkpoint.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    def build() -> tuple[Any, Handlers, Callable[[], None]]:
         group = EnvGroup(env_fns)
-    except BaseException as e:  # report construction errors to the parent instead of hanging
-        conn.send(("error", repr(e)))
-        conn.close()
-        return
-    conn.send(("ok", group.envs[0].spec))
-    while True:
-        try:
-            cmd, arg = conn.recv()
-        except EOFError:
-            break
-        try:
-            if cmd == "step":
-                conn.send(("ok", group.step(arg)))
-            elif cmd == "reset":
-                conn.send(("ok", group.reset(arg)))
-            elif cmd == "render":
-                conn.send(("ok", group.render(arg)))
-            elif cmd == "close":
-                group.close()
-                conn.send(("ok", None))
-                break
-        except BaseException as e:
-            conn.send(("error", f"{type(e).__name__}: {e}"))
-    conn.close()
+        return group.envs[0].spec, {"step": group.step, "reset": group.reset, "render": group.render}, group.close
+
+    serve(conn, build)
 
 
 class VectorEnv(BatchedEnv):
@@ -144,42 +118,22 @@ class VectorEnv(BatchedEnv):
         self.num_envs = len(env_fns)
         self.workers = min(int(workers), self.num_envs)
         self._group: EnvGroup | None = None
-        self._conns: list[Connection] = []
-        self._procs: list[Any] = []
+        self._procs: WorkerProcs | None = None
         self._slices: list[slice] = []
         if self.workers <= 0:
             self._group = EnvGroup(env_fns)
             self.spec = self._group.envs[0].spec
         else:
-            ctx = mp.get_context("spawn")  # fork after torch is loaded is unsafe; spawn workers stay light
-            bounds = np.linspace(0, self.num_envs, self.workers + 1).round().astype(int)
-            for w in range(self.workers):
-                sl = slice(int(bounds[w]), int(bounds[w + 1]))
-                parent, child = ctx.Pipe()
-                p = ctx.Process(target=_worker, args=(child, list(env_fns[sl])), daemon=True)
-                p.start()
-                child.close()
-                self._conns.append(parent)
-                self._procs.append(p)
-                self._slices.append(sl)
-            specs = [self._recv(c) for c in self._conns]
-            self.spec = specs[0]
+            self._procs = WorkerProcs(_worker, self.num_envs, self.workers, lambda sl: (list(env_fns[sl]),),
+                                      "environment")
+            self._slices = self._procs.slices
+            self.spec = self._procs.hellos[0]
         self._closed = False
 
-    # ------------------------------------------------------------------ plumbing
-    def _recv(self, conn: Connection) -> Any:
-        try:
-            status, payload = conn.recv()
-        except EOFError as e:
-            raise RuntimeError("an environment worker process died; see its traceback above") from e
-        if status == "error":
-            raise RuntimeError(f"environment worker failed: {payload}")
-        return payload
-
     def _broadcast(self, cmd: str, args: Sequence[Any]) -> list[Any]:
-        for conn, a in zip(self._conns, args):
-            conn.send((cmd, a))
-        return [self._recv(c) for c in self._conns]
+        """``(cmd, args[w])`` to every worker, their answers in order (Ray workers override this)."""
+        assert self._procs is not None
+        return self._procs.broadcast(cmd, args)
 
     @staticmethod
     def _to_obs(d: dict[str, np.ndarray]) -> BatchObs:
@@ -233,11 +187,8 @@ class VectorEnv(BatchedEnv):
     def render(self, index: int = 0) -> np.ndarray | None:
         if self._group is not None:
             return self._group.render(index)
-        for conn, sl in zip(self._conns, self._slices):
-            if sl.start <= index < sl.stop:
-                conn.send(("render", index - sl.start))
-                return self._recv(conn)
-        raise IndexError(index)
+        assert self._procs is not None
+        return self._procs.ask_copy(index, "render")
 
     def close(self) -> None:
         if self._closed:
@@ -245,16 +196,8 @@ class VectorEnv(BatchedEnv):
         self._closed = True
         if self._group is not None:
             self._group.close()
-        for conn in self._conns:
-            try:
-                conn.send(("close", None))
-                conn.recv()
-            except (BrokenPipeError, EOFError, OSError):
-                pass
-        for p in self._procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
+        if self._procs is not None:
+            self._procs.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
