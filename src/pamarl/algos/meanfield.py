@@ -21,12 +21,42 @@ mean_a')``; target (eqs. 9, 11): ``y = r + gamma (1 - done) v^MF(s')``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn import functional as F
 
 from pamarl.envs.base import BatchObs, BatchStep, EnvSpec
 from pamarl.errors import UsageError
 from pamarl.nets.qnets import masked_logits
+
+
+# ====================================================================== configuration
+@dataclass
+class MeanFieldNetConfig:
+    """What MF-Q/IL and MF-AC/AC configure alike: the authors' optimiser settings, the neighbourhood of the
+    mean action and the team-shared network (listed first among a config's bases, so its defaults win)."""
+
+    lr: float = 1e-4
+    """Adam learning rate (the authors' 1e-4)."""
+    gamma: float = 0.95
+    """Discount factor (the authors' 0.95)."""
+    neighbourhood: str = "team"
+    """Whose actions make the mean action: 'team' (all other alive agents) or 'radius' (within ``radius``)."""
+    radius: int = 6
+    """Chebyshev radius in grid cells of neighbourhood=radius."""
+    conv_channels: tuple[int, ...] = (32, 32)
+    """3x3 conv layers of the view encoder (grid tasks)."""
+    embed: int = 128
+    """Width of the observation embedding."""
+    mean_embed: int = 64
+    """Width of the mean-action embedding."""
+    hidden: tuple[int, ...] = (64,)
+    """Hidden layers of the heads on [observation embedding, mean-action embedding]."""
+
+    def check_neighbourhood(self) -> None:
+        if self.neighbourhood not in ("team", "radius") or self.radius < 0:
+            raise UsageError(f"neighbourhood must be 'team' or 'radius' (radius >= 0), got {self.neighbourhood!r}")
 
 
 # ====================================================================== pure functions

@@ -28,7 +28,7 @@ import torch
 
 from pamarl.algos.base import ActOut, Algorithm, LearnerConfig, Metrics, Progress
 from pamarl.algos.common import adam
-from pamarl.algos.meanfield import MeanActionTracker, agent_rows, mf_target, mf_value
+from pamarl.algos.meanfield import MeanActionTracker, MeanFieldNetConfig, agent_rows, mf_target, mf_value
 from pamarl.algos.registry import register
 from pamarl.buffers.agent_replay import AgentReplay
 from pamarl.config import TrainConfig
@@ -38,13 +38,10 @@ from pamarl.nets.meanfield import MeanFieldNet
 
 
 @dataclass
-class MFACConfig(LearnerConfig):
-    """Hyperparameters of MF-AC and AC (parameters are always shared across the team)."""
+class MFACConfig(MeanFieldNetConfig, LearnerConfig):
+    """Hyperparameters of MF-AC and AC (parameters are always shared across the team; ``lr`` for actor and
+    critic, the mean-action embedding feeds the critic)."""
 
-    lr: float = 1e-4
-    """Adam learning rate of actor and critic (the authors' 1e-4)."""
-    gamma: float = 0.95
-    """Discount factor."""
     value_coef: float = 0.1
     """Weight of the critic loss in the joint loss (the authors' 0.1)."""
     ent_coef: float = 0.08
@@ -61,24 +58,11 @@ class MFACConfig(LearnerConfig):
     """Rows per critic-only step."""
     chunk: int = 4096
     """Agent transitions per backward pass (gradients are accumulated; one optimiser step per iteration)."""
-    neighbourhood: str = "team"
-    """Whose actions make the mean action: 'team' or 'radius'."""
-    radius: int = 6
-    """Chebyshev radius in grid cells of neighbourhood=radius."""
-    conv_channels: tuple[int, ...] = (32, 32)
-    """3x3 conv layers of the view encoders (grid tasks)."""
-    embed: int = 128
-    """Width of the observation embedding."""
-    mean_embed: int = 64
-    """Width of the mean-action embedding (critic)."""
-    hidden: tuple[int, ...] = (64,)
-    """Hidden layers of the heads."""
 
     def validate(self) -> None:
         if not 0.0 <= self.gamma <= 1.0 or self.chunk < 1 or self.ent_coef < 0 or self.value_coef < 0:
             raise UsageError("gamma must lie in [0, 1]; chunk >= 1; ent_coef, value_coef >= 0")
-        if self.neighbourhood not in ("team", "radius"):
-            raise UsageError(f"neighbourhood must be 'team' or 'radius', got {self.neighbourhood!r}")
+        self.check_neighbourhood()
         if self.critic_replay < 0 or self.critic_updates < 0 or self.critic_batch < 1:
             raise UsageError("critic_replay and critic_updates must be >= 0 and critic_batch >= 1")
         if self.critic_updates > 0 and self.critic_replay == 0:

@@ -28,6 +28,7 @@ from pamarl.algos.base import ActOut, Metrics
 from pamarl.algos.common import adam
 from pamarl.algos.meanfield import (
     MeanActionTracker,
+    MeanFieldNetConfig,
     agent_rows,
     boltzmann,
     mf_target,
@@ -50,13 +51,9 @@ from pamarl.nets.meanfield import MeanFieldNet
 
 
 @dataclass
-class MFQConfig(OffPolicyConfig):
+class MFQConfig(MeanFieldNetConfig, OffPolicyConfig):
     """Hyperparameters of MF-Q and IL (parameters are always shared across the team)."""
 
-    lr: float = 1e-4
-    """Adam learning rate (the authors' 1e-4)."""
-    gamma: float = 0.95
-    """Discount factor (the authors' 0.95)."""
     batch_size: int = 512
     """Agent transitions per gradient step."""
     buffer_size: int = 100_000
@@ -73,23 +70,11 @@ class MFQConfig(OffPolicyConfig):
     """Final temperature."""
     temp_anneal_steps: int = 50_000
     """Env steps over which T moves linearly from temp_start to temp_finish."""
-    neighbourhood: str = "team"
-    """Whose actions make the mean action: 'team' (all other alive agents) or 'radius' (within ``radius``)."""
-    radius: int = 6
-    """Chebyshev radius in grid cells of neighbourhood=radius."""
     double_q: bool = False
     """Boltzmann weights of v^MF from the online network (double-DQN style) instead of the target network;
     for IL: double-DQN's argmax by the online network."""
     huber_delta: float = 0.0
     """Huber loss with this delta (0: squared error)."""
-    conv_channels: tuple[int, ...] = (32, 32)
-    """3x3 conv layers of the view encoder (grid tasks)."""
-    embed: int = 128
-    """Width of the observation embedding."""
-    mean_embed: int = 64
-    """Width of the mean-action embedding."""
-    hidden: tuple[int, ...] = (64,)
-    """Hidden layers of the head on [observation embedding, mean-action embedding]."""
     obs_fp16: bool = True
     """Keep replay observations in float16 (halves the replay's memory)."""
     checkpoint_replay: bool = False
@@ -101,8 +86,7 @@ class MFQConfig(OffPolicyConfig):
             raise UsageError("mean-field algorithms use one-step targets (n_step=1)")
         if self.temp_start <= 0 or self.temp_finish <= 0 or self.temp_anneal_steps < 0:
             raise UsageError("temp_start and temp_finish must be > 0 and temp_anneal_steps >= 0")
-        if self.neighbourhood not in ("team", "radius") or self.radius < 0:
-            raise UsageError(f"neighbourhood must be 'team' or 'radius' (radius >= 0), got {self.neighbourhood!r}")
+        self.check_neighbourhood()
         if self.agent_steps_per_update <= 0:
             raise UsageError("agent_steps_per_update must be > 0")
 
