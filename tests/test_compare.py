@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import yaml
+from conftest import update_crashes_at
 
 from pamarl.cli import main
 from pamarl.compare import PRESETS
@@ -126,18 +127,9 @@ def test_compare_resumes_interrupted_run_and_refuses_other_settings(tmp_path, mo
                        "tensorboard": False}, {}, evals=50)
     job = plan.jobs[0]
     cls = get_algorithm("mappo")
-    real_update, calls = cls.update, {"n": 0}
 
-    def crashing_update(self, progress):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_update(self, progress)
-
-    monkeypatch.setattr(cls, "update", crashing_update)
-    with pytest.raises(KeyboardInterrupt):
+    with update_crashes_at(monkeypatch, cls, 6), pytest.raises(KeyboardInterrupt):
         train(build(TrainConfig, job.config["run"], "run"), build(cls.Config, job.config["algo"], "mappo"))
-    monkeypatch.setattr(cls, "update", real_update)
     assert not (job.run_dir / "summary.json").exists()
 
     capsys.readouterr()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import DEVICES, quick_run
+from conftest import DEVICES, quick_run, update_crashes_at
 
 from pamarl.algos.onpolicy import OnPolicyAlgorithm
 from pamarl.algos.registry import get_algorithm
@@ -184,20 +184,11 @@ def test_every_algorithm_trains_evaluates_and_resumes_exactly(tmp_path, monkeypa
     full = train(quick_run(tmp_path, "full", **kw), cls.Config(**small))
     assert full.iterations == 3 and "eval/return_mean" in full.final_eval
 
-    real_update = cls.update
-    calls = {"n": 0}
 
-    def crashing_update(self, progress):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 3:  # dies in iteration 3, after the checkpoint of iteration 2
-            raise KeyboardInterrupt
-        return real_update(self, progress)
-
-    monkeypatch.setattr(cls, "update", crashing_update)
     cut = quick_run(tmp_path, "cut", **kw)
-    with pytest.raises(KeyboardInterrupt):
+    # The run dies in iteration 3, after the checkpoint of iteration 2.
+    with update_crashes_at(monkeypatch, cls, 3), pytest.raises(KeyboardInterrupt):
         train(cut, cls.Config(**small))
-    monkeypatch.setattr(cls, "update", real_update)
     train(cut, resume=True)
 
     def rows(d):  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import update_crashes_at
 
 from pamarl.algos.dqn_avg import DQNAvg, DQNAvgConfig, average_params, divergence
 from pamarl.algos.value_based import ValueConfig
@@ -121,18 +122,10 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.Mo
     cfg = DQNAvgConfig(n_learners=2, sync_every=15, **SMALL)
     kw: dict[str, Any] = dict(steps=600, checkpoint_every=4, eval_every=4)
     full = train(quick(tmp_path, "full", **kw), cfg)
-    real_update, calls = DQNAvg.update, {"n": 0}
 
-    def crashing_update(self: Any, progress: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 6:  # after the checkpoint at iteration 4
-            raise KeyboardInterrupt
-        return real_update(self, progress)
-
-    monkeypatch.setattr(DQNAvg, "update", crashing_update)
-    with pytest.raises(KeyboardInterrupt):
+    # The run dies after the checkpoint at iteration 4.
+    with update_crashes_at(monkeypatch, DQNAvg, 6), pytest.raises(KeyboardInterrupt):
         train(quick(tmp_path, "cut", **kw), cfg)
-    monkeypatch.setattr(DQNAvg, "update", real_update)
     train(quick(tmp_path, "cut", **kw), resume=True)
     assert rows(full.run_dir) == rows(tmp_path / "cut")
 

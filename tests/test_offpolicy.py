@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import pytest
 import torch
+from conftest import update_crashes_at
 
 from pamarl.algos.base import ActOut
 from pamarl.algos.offpolicy import (
@@ -515,19 +516,10 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.Mo
                               checkpoint_every=3, eval_every=3, eval_episodes=4)
     train(quick(tmp_path, "full", **kw), cfg)
 
-    real_update = cls.update
-    calls = {"n": 0}
 
-    def crashing_update(self: Any, progress: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 5:  # dies after the checkpoint at iteration 3, before the next one
-            raise KeyboardInterrupt
-        return real_update(self, progress)
-
-    monkeypatch.setattr(cls, "update", crashing_update)
-    with pytest.raises(KeyboardInterrupt):
+    # The run dies after the checkpoint at iteration 3, before the next one.
+    with update_crashes_at(monkeypatch, cls, 5), pytest.raises(KeyboardInterrupt):
         train(quick(tmp_path, "cut", **kw), cfg)
-    monkeypatch.setattr(cls, "update", real_update)
     train(quick(tmp_path, "cut", **kw), cfg, resume=True)
     full, cut = rows(tmp_path / "full"), rows(tmp_path / "cut")
     assert any(r.get("loss/td") or r.get("loss/critic") for r in full)  # it did learn in between

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import update_crashes_at
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'pamarl[ray]'); these tests need it")
 
@@ -123,20 +124,12 @@ def test_rollout_workers_on_ray_match_the_local_path_and_resume_exactly(cluster:
     kw: dict[str, Any] = dict(algo="mappo", steps=400, num_envs=4, rollout_len=25, checkpoint_every=2,
                               rollout_workers=2)
     local = train(quick(tmp_path, "rw_local", **kw))
-    real_update, calls = MAPPO.update, {"n": 0}
 
-    def crashing_update(self: Any, progress: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 3:  # after the checkpoint at iteration 2
-            raise KeyboardInterrupt
-        return real_update(self, progress)
-
-    monkeypatch.setattr(MAPPO, "update", crashing_update)
     cut = quick(tmp_path, "rw_ray", env_backend="ray", **kw)
-    with pytest.raises(KeyboardInterrupt):
+    # The run dies after the checkpoint at iteration 2.
+    with update_crashes_at(monkeypatch, MAPPO, 3), pytest.raises(KeyboardInterrupt):
         train(cut)
     assert len(rows(Path(str(cut.run_dir)))) == 2
-    monkeypatch.setattr(MAPPO, "update", real_update)
     train(cut, resume=True)
     assert rows(local.run_dir) == rows(Path(str(cut.run_dir)))
     assert len(rows(local.run_dir)) == 4

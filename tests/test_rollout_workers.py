@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import quick_run
+from conftest import quick_run, update_crashes_at
 
 from pamarl.algos.registry import get_algorithm
 from pamarl.collect import EnvCollector
@@ -65,19 +65,11 @@ def test_resume_with_rollout_workers_matches_the_uninterrupted_run(tmp_path: Pat
                               eval_every=3, eval_episodes=2, rollout_workers=2)
     full = train(quick_run(tmp_path, "full", **kw))
     cls = get_algorithm("mappo")
-    real_update, calls = cls.update, {"n": 0}
 
-    def crashing_update(self: Any, progress: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 6:  # after the checkpoint at iteration 4
-            raise KeyboardInterrupt
-        return real_update(self, progress)
-
-    monkeypatch.setattr(cls, "update", crashing_update)
     cut = quick_run(tmp_path, "cut", **kw)
-    with pytest.raises(KeyboardInterrupt):
+    # The run dies after the checkpoint at iteration 4.
+    with update_crashes_at(monkeypatch, cls, 6), pytest.raises(KeyboardInterrupt):
         train(cut)
-    monkeypatch.setattr(cls, "update", real_update)
     train(cut, resume=True)
     assert _rows(tmp_path / "cut") == _rows(full.run_dir)
     assert len(_rows(full.run_dir)) == 8 and all(r["rollout/restarts"] == "0.0" for r in _rows(full.run_dir))

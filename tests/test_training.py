@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import quick_run
+from conftest import quick_run, update_crashes_at
 
 from pamarl.algos.registry import get_algorithm
 from pamarl.envs.registry import make_env
@@ -56,20 +56,11 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     assert (full.run_dir / "checkpoints" / "final.pt").exists()
 
     cls = get_algorithm("progressive")
-    real_update = cls.update
-    calls = {"n": 0}
 
-    def crashing_update(self, progress):
-        calls["n"] += 1
-        if calls["n"] == 4:  # dies after the checkpoint at iteration 2, mid-way to the next one
-            raise KeyboardInterrupt
-        return real_update(self, progress)
-
-    monkeypatch.setattr(cls, "update", crashing_update)
     cut = quick_run(tmp_path, "cut", **kw)
-    with pytest.raises(KeyboardInterrupt):
+    # The run dies after the checkpoint at iteration 2, mid-way to the next one.
+    with update_crashes_at(monkeypatch, cls, 4), pytest.raises(KeyboardInterrupt):
         train(cut)
-    monkeypatch.setattr(cls, "update", real_update)
     assert len(_rows(tmp_path / "cut")) == 3  # iteration 3 was logged but is past the checkpoint
     train(cut, resume=True)
     assert _rows(tmp_path / "cut") == _rows(tmp_path / "full")
