@@ -326,3 +326,23 @@ def test_episode_starts_are_flagged_for_variable_length_generic_envs_and_reset_r
         obs = st.next
     env.close()
     assert ends >= 10  # episodes of 2-6 steps: the boundaries were really exercised
+
+
+def test_batch_take_keeps_only_the_asked_fields_and_agents_and_composes():
+    """An actor phase selects its fields and agents once, then each minibatch gathers rows of that."""
+    from pamarl.buffers.rollout import OnPolicyBatch
+
+    g = torch.Generator().manual_seed(0)
+    B, N = 10, 3
+    per_agent = {k: torch.randn(B, N, generator=g) for k in ("logp", "mask", "value_old", "ret", "adv")}
+    batch = OnPolicyBatch(obs=torch.randn(B, N, 4, generator=g), state=torch.randn(B, 6, generator=g),
+                          action_mask=torch.ones(B, N, 5, dtype=torch.bool), active=torch.ones(B, N, dtype=torch.bool),
+                          action=torch.randint(0, 5, (B, N), generator=g), policy_adv=torch.randn(B, N, generator=g),
+                          **per_agent)
+    idx = torch.tensor([7, 2, 5])
+    for agents in ([1], [0, 1], [2, 0]):
+        mine = batch.take(slice(None), {"obs", "logp", "policy_adv"}, agents)
+        mb = mine.take(idx)
+        assert torch.equal(mb.obs, batch.obs[idx][:, agents])
+        assert torch.equal(mb.logp, batch.logp[idx][:, agents])
+        assert mb.state.numel() == 0 and mb.ret.numel() == 0  # left out, and stays out

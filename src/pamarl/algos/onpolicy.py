@@ -260,10 +260,12 @@ class OnPolicyAlgorithm(Algorithm):
         cfg = self.cfg
         assert batch.policy_adv is not None
         stats: dict[str, list[torch.Tensor]] = {"policy": [], "entropy": [], "kl": [], "clipfrac": []}
+        # Only what the actors read, only these agents' columns (views when the agents are consecutive),
+        # selected once for the phase; each minibatch then gathers rows of that.
+        mine = batch.take(slice(None), self.ACTOR_FIELDS, agents)
         for _ in range(cfg.epochs):
             for idx in self._minibatches():
-                # Only what the actors read, only these agents' columns: gathered once per minibatch.
-                mb = batch.take(idx, self.ACTOR_FIELDS, agents)
+                mb = mine.take(idx)
                 assert mb.policy_adv is not None
                 logp, ent = self.actor.evaluate(mb.obs, mb.action_mask, mb.action, agents)
                 old, m = mb.logp, mb.mask

@@ -239,7 +239,7 @@ class OnPolicyBatch:
             v = getattr(self, f.name)
             if v is None:
                 parts[f.name] = None
-            elif keep is not None and f.name not in keep:
+            elif (keep is not None and f.name not in keep) or v is _EMPTY:  # left out here or before
                 parts[f.name] = _EMPTY
             else:
                 if cols is not None and f.name != "state":  # every field but the state is [B, N, ...]
