@@ -12,6 +12,7 @@ from pamarl.envs.registry import make_env  # noqa: E402
 from pamarl.errors import UsageError  # noqa: E402
 
 SMALL = "magent2/battle_v4?map_size=20&max_cycles=60"
+SMOKE_ENV = "magent2/battle_v4?map_size=20&max_cycles=40"
 
 
 def _stay(env: MAgentEnv) -> torch.Tensor:
@@ -124,6 +125,43 @@ def test_battle_smoke_preset_writes_tables_plot_and_gif(tmp_path) -> None:
     # the scripted team beats the random one from both sides
     assert rows[2].startswith("script,random,2,1.0")
     assert main(["battle", "random"]) == 2  # a tournament needs two entrants
+
+
+def test_battle_pools_the_runs_of_an_entrant_every_model_meets_every_model(tmp_path) -> None:
+    """``NAME=DIR1,DIR2``: each of the entrant's models plays the same games against each model of the other
+    entrant; the summary pools them and breaks A's win rate down per model."""
+    import csv
+
+    from conftest import quick_run
+
+    from pamarl.cli import main
+    from pamarl.runner import train
+
+    dirs = []
+    for seed in (1, 2):
+        run = quick_run(tmp_path, f"m{seed}", algo="il", env=SMOKE_ENV, steps=40, num_envs=1, rollout_len=20,
+                        eval_episodes=1, seed=seed)
+        dirs.append(str(train(run, quiet=True).run_dir))
+    out = tmp_path / "battle"
+    argv = ["battle", f"il={dirs[0]},{dirs[1]}", "random", "script", "--env", SMOKE_ENV, "--episodes", "1",
+            "--seeds", "1,2", "--out", str(out)]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((out / "battle.csv").read_text().splitlines()))
+    il_vs_random = [r for r in rows if (r["a"], r["b"]) == ("il", "random")]
+    assert sorted((r["a_model"], r["seed"]) for r in il_vs_random) == sorted(
+        (d, s) for d in dirs for s in ("1.0", "2.0"))  # both models, both env seeds, one episode each
+    script_vs_il = [r for r in rows if (r["a"], r["b"]) == ("script", "il")]
+    assert sorted(r["b_index"] for r in script_vs_il) == ["0", "0", "1", "1"]
+    summary = {(r["a"], r["b"]): r for r in csv.DictReader((out / "summary.csv").read_text().splitlines())}
+    s = summary[("il", "random")]
+    assert s["episodes"] == "4" and len(s["win_by_model"].split("/")) == 2
+    per_model = [sum(float(r["win"]) for r in il_vs_random if r["a_model"] == d) / 2 for d in dirs]
+    assert s["win_by_model"] == "/".join(f"{x:.2f}" for x in per_model)
+    assert summary[("random", "script")]["episodes"] == "2" and summary[("random", "script")]["win_by_model"].count(
+        "/") == 0
+    assert "per model of A" in (out / "summary.md").read_text()
+    assert main(["battle", f"il={dirs[0]},{dirs[0]}", "random", "--env", SMOKE_ENV]) == 2  # a run named twice
+    assert main(["battle", f"il={dirs[0]},{tmp_path / 'nope'}", "random", "--env", SMOKE_ENV]) == 2
 
 
 def _play_vs_random(policy, env_id: str, episodes: int, seed: int) -> dict[str, float]:

@@ -1,18 +1,23 @@
 """``pamarl battle``: a cross-play tournament of trained models and baselines on MAgent2 battles.
 
 Entrants are ``random``, ``script`` (attack the weakest enemy in range, else close in) or ``NAME=RUN_DIR``
-(a trained pamarl run; its ``checkpoints/final.pt``). Every ordered pair (A, B) with A != B plays
-``--episodes`` episodes per seed, A as the env's learning team and B as its opponent; the env swaps the
-two sides (red/left, blue/right) between episodes, so each pairing is played from both sides. Models act
-greedily (``--sample``: sample from their policies).
+(a trained pamarl run; its ``checkpoints/final.pt``). ``NAME=DIR1,DIR2,...`` pools several runs of one entrant
+(e.g. training seeds): every model of A meets every model of B, each such model pairing playing the same
+games (``--episodes`` per env seed), and the entrant's results pool all of them. Every ordered pair (A, B) with
+A != B plays ``--episodes`` episodes per env seed and model pairing, A as the env's learning team and B as its
+opponent; the env swaps the two sides (red/left, blue/right) between episodes, so each pairing is played from
+both sides. Models act greedily (``--sample``: sample from their policies).
 
 Win rule (:func:`pamarl.envs.magent.winner`): a side wins when the other is wiped out; at the step limit,
 the side with more survivors wins, then the one with more total HP; otherwise a draw (counted 0.5).
 Reported per pair: win rate, kills (enemies dead at the end), deaths, team return, each with a 95%
-interval over episodes (normal approximation, 1.96 standard errors; all seeds pooled, so the
-interval covers episode-to-episode and seed-to-seed variation together). Writes ``battle.csv`` (one row
-per episode), ``summary.csv`` and ``summary.md`` (one row per pair), ``winrate.png`` (matrix), and with
-``--render FILE.gif`` a recording of the first pair's first episode.
+interval over episodes (normal approximation, 1.96 standard errors; all env seeds and model pairings pooled).
+Games of one trained model are not independent draws of the algorithm, so with pooled runs the summary also
+gives A's win rate per model of A (``win_by_model``: over all of B's models) and a 95% interval over those
+per-model rates (``win_model_ci95``, 1.96 standard errors over A's models: the training-seed spread).
+Writes ``battle.csv`` (one row per episode, with the models that played: ``a_model``, ``b_model``, their
+index in the entrant's list), ``summary.csv`` and ``summary.md`` (one row per pair), ``winrate.png``
+(matrix), and with ``--render FILE.gif`` a recording of the first pair's first episode (first models).
 
 Presets: ``--preset smoke`` (random vs script on a 20x20 map, seconds; run by the tests) and ``--preset
 paper`` (Yang et al. 2018: 64 v 64 on a 40x40 map, 2000 self-play rounds of up to 400 steps per algorithm
@@ -49,17 +54,30 @@ class Entrant:
     name: str
     kind: str  # random | script | model
     path: str | None = None
+    """The run directory of a model entrant (the first, where it pools several)."""
+    pool: tuple[str, ...] = ()
+    """Every run directory of a pooled model entrant (``NAME=DIR1,DIR2``); empty means ``(path,)``."""
+
+    def models(self) -> list[Entrant]:
+        """One single-model entrant per run directory (itself for random, script and single runs)."""
+        if self.kind != "model" or len(self.pool) < 2:
+            return [self]
+        return [Entrant(self.name, "model", p) for p in self.pool]
 
 
 def parse_entrant(text: str) -> Entrant:
     if text in ("random", "script"):
         return Entrant(text, text)
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise UsageError(f"entrant {text!r}: write random, script or NAME=RUN_DIR")
-    if not Path(path).is_dir():
-        raise UsageError(f"entrant {name!r}: {path!r} is not a run directory")
-    return Entrant(name, "model", path)
+    name, sep, paths = text.partition("=")
+    if not sep or not name or not paths:
+        raise UsageError(f"entrant {text!r}: write random, script, NAME=RUN_DIR or NAME=RUN_DIR1,RUN_DIR2,...")
+    pool = tuple(p for p in paths.split(",") if p)
+    for path in pool:
+        if not Path(path).is_dir():
+            raise UsageError(f"entrant {name!r}: {path!r} is not a run directory")
+    if len(set(pool)) != len(pool):
+        raise UsageError(f"entrant {name!r} names a run directory twice: {paths!r}")
+    return Entrant(name, "model", pool[0], pool)
 
 
 def mean_ci(x: list[float]) -> tuple[float, float]:
@@ -126,6 +144,8 @@ def play(env_id: str, a: Entrant, b: Entrant, episodes: int, seed: int, sample: 
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per ordered pair: means and 95% intervals over its episodes, and A's win rate per model of A
+    with the interval over those rates (see the module's docstring)."""
     pairs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         pairs.setdefault((r["a"], r["b"]), []).append(r)
@@ -136,6 +156,12 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             m, h = mean_ci([float(r[key]) for r in rs])
             row[key] = round(m, 4)
             row[key + "_ci95"] = round(h, 4)
+        by_model: dict[int, list[float]] = {}
+        for r in rs:
+            by_model.setdefault(int(r.get("a_index", 0)), []).append(float(r["win"]))
+        rates = [float(np.mean(by_model[i])) for i in sorted(by_model)]
+        row["win_by_model"] = "/".join(f"{x:.2f}" for x in rates)
+        row["win_model_ci95"] = round(mean_ci(rates)[1], 4)
         out.append(row)
     return out
 
@@ -147,13 +173,22 @@ def write_tables(out_dir: Path, rows: list[dict[str, Any]], summary: list[dict[s
             w = csv.DictWriter(f, fieldnames=list(data[0]))
             w.writeheader()
             w.writerows(data)
+    pooled = any("/" in s["win_by_model"] for s in summary)
+    head = "| A | B | episodes | win rate of A | kills by A | deaths of A | return of A |"
+    rule = "|---|---|---:|---:|---:|---:|---:|"
+    if pooled:
+        head += " win rate per model of A | ± over models |"
+        rule += "---|---:|"
     lines = [f"Cross-play on `{env_id}` (A plays the learning side, B the opponent; sides swap every episode; "
-             "95% intervals).", "", "| A | B | episodes | win rate of A | kills by A | deaths of A | return of A |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "95% intervals over episodes" + ("; per model of A: its win rate over all of B's models, and the 95% "
+                                              "interval over those rates" if pooled else "") + ").", "", head, rule]
     for s in summary:
-        lines.append(f"| {s['a']} | {s['b']} | {s['episodes']} | {s['win']:.2f} ± {s['win_ci95']:.2f} | "
-                     f"{s['kills']:.1f} ± {s['kills_ci95']:.1f} | {s['deaths']:.1f} ± {s['deaths_ci95']:.1f} | "
-                     f"{s['return']:.1f} ± {s['return_ci95']:.1f} |")
+        line = (f"| {s['a']} | {s['b']} | {s['episodes']} | {s['win']:.2f} ± {s['win_ci95']:.2f} | "
+                f"{s['kills']:.1f} ± {s['kills_ci95']:.1f} | {s['deaths']:.1f} ± {s['deaths_ci95']:.1f} | "
+                f"{s['return']:.1f} ± {s['return_ci95']:.1f} |")
+        if pooled:
+            line += f" {s['win_by_model']} | {s['win_model_ci95']:.2f} |"
+        lines.append(line)
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -198,18 +233,22 @@ def tournament(env_id: str, entrants: list[Entrant], episodes: int, seeds: list[
         for b in entrants:
             if a is b:
                 continue
-            for s in seeds:
-                t0 = time.perf_counter()
-                res = play(env_id, a, b, episodes, s, sample)
-                rows += [{"a": a.name, "b": b.name, **r} for r in res]
-                if not quiet:
-                    print(f"{a.name} vs {b.name} seed {s}: win {np.mean([r['win'] for r in res]):.2f} "
-                          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+            for i, am in enumerate(a.models()):
+                for j, bm in enumerate(b.models()):
+                    for s in seeds:
+                        t0 = time.perf_counter()
+                        res = play(env_id, am, bm, episodes, s, sample)
+                        rows += [{"a": a.name, "b": b.name, "a_model": am.path or am.kind, "a_index": i,
+                                  "b_model": bm.path or bm.kind, "b_index": j, **r} for r in res]
+                        if not quiet:
+                            print(f"{a.name}[{i}] vs {b.name}[{j}] seed {s}: win "
+                                  f"{np.mean([r['win'] for r in res]):.2f} ({time.perf_counter() - t0:.1f} s)",
+                                  file=sys.stderr)
     summary = summarise(rows)
     write_tables(out_dir, rows, summary, env_id)
     plot_matrix(out_dir, names, summary)
     if render:
-        play(env_id, entrants[0], entrants[1], 1, seeds[0], sample, render=render)
+        play(env_id, entrants[0].models()[0], entrants[1].models()[0], 1, seeds[0], sample, render=render)
     return summary
 
 
@@ -237,7 +276,7 @@ def paper_plan(out_root: Path, probe_steps: int = 400) -> tuple[list[list[str]],
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pamarl battle", description=(__doc__ or "").splitlines()[0])
-    p.add_argument("entrants", nargs="*", help="random, script, or NAME=RUN_DIR")
+    p.add_argument("entrants", nargs="*", help="random, script, NAME=RUN_DIR or NAME=RUN_DIR1,RUN_DIR2,... (pooled)")
     p.add_argument("--env", default="magent2/battle_v4?map_size=40&max_cycles=400")
     p.add_argument("--episodes", type=int, default=20, help="episodes per pair and seed")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated env seeds")

@@ -56,6 +56,11 @@ class MFACConfig(MeanFieldNetConfig, LearnerConfig):
     """Critic-only gradient steps per iteration on ``critic_batch`` rows sampled from ``critic_replay``."""
     critic_batch: int = 256
     """Rows per critic-only step."""
+    actor_grad: str = "sampled"
+    """Policy-gradient estimator of the actor. 'sampled': ``-log pi(a | o) (Q(o, a, mean_a) - V(o))`` on the one
+    action taken (the paper's Algorithm 2). 'all_actions': ``-sum_b pi(b | o) stopgrad(Q(o, b, mean_a) - V(o))``,
+    the same expectation E_a~pi[grad log pi(a | o) Q(o, a, mean_a)] computed exactly over the discrete actions,
+    so every action the critic values above V gains probability on every row, not only the one sampled."""
     chunk: int = 4096
     """Agent transitions per backward pass (gradients are accumulated; one optimiser step per iteration)."""
 
@@ -67,6 +72,8 @@ class MFACConfig(MeanFieldNetConfig, LearnerConfig):
             raise UsageError("critic_replay and critic_updates must be >= 0 and critic_batch >= 1")
         if self.critic_updates > 0 and self.critic_replay == 0:
             raise UsageError("critic_updates > 0 needs a critic_replay (its capacity in agent transitions)")
+        if self.actor_grad not in ("sampled", "all_actions"):
+            raise UsageError(f"actor_grad must be 'sampled' or 'all_actions', got {self.actor_grad!r}")
 
 
 @register
@@ -150,11 +157,16 @@ class MFAC(Algorithm):
             nl = self.actor(b["next_obs"]).masked_fill(~b["next_mask"], -1e9)
             v_next = mf_value(torch.softmax(nl, -1), self.critic(b["next_obs"], b["next_mean"]))
             y = mf_target(b["reward"], b["done"], v_next, self.cfg.gamma)
-            adv = q.detach() - mf_value(pi.detach(), q_all.detach())
+            adv_all = q_all.detach() - mf_value(pi.detach(), q_all.detach()).unsqueeze(-1)
         critic_loss = (q - y).pow(2).mean()
         entropy = -(pi * logp_all).sum(-1).mean()
-        logp = logp_all.gather(-1, b["action"].unsqueeze(-1)).squeeze(-1)
-        actor_loss = -(logp * adv).mean() - self.cfg.ent_coef * entropy
+        if self.cfg.actor_grad == "all_actions":
+            # sum_b grad pi(b) A(b) = E_b~pi[grad log pi(b) A(b)]: the paper's gradient without sampling the action
+            pg = -(pi * adv_all).sum(-1).mean()
+        else:
+            logp = logp_all.gather(-1, b["action"].unsqueeze(-1)).squeeze(-1)
+            pg = -(logp * adv_all.gather(-1, b["action"].unsqueeze(-1)).squeeze(-1)).mean()
+        actor_loss = pg - self.cfg.ent_coef * entropy
         loss = actor_loss + self.cfg.value_coef * critic_loss
         return loss, {"loss/actor": actor_loss.detach(), "loss/critic": critic_loss.detach(),
                       "train/entropy": entropy.detach(), "train/q_taken": q.mean().detach()}
