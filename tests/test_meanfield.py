@@ -279,3 +279,42 @@ def test_mfac_critic_loss_and_replayed_critic_steps() -> None:
     assert any(not torch.equal(a, b2) for a, b2 in zip(critic0, algo.critic.parameters()))
     with pytest.raises(UsageError, match="critic_replay"):
         build(MFACConfig, {"critic_updates": 2}, "mfac")
+
+
+def test_mfac_all_actions_actor_gradient_is_the_expected_sampled_gradient() -> None:
+    """``actor_grad=all_actions``: ``-sum_b pi(b | o) (Q(o, b, mean_a) - V(o))`` has the gradient of the paper's
+    ``-log pi(a | o) (Q(o, a, mean_a) - V(o))`` in expectation over ``a ~ pi(. | o)``, i.e. of the score-function
+    form weighted by the (constant) probabilities; ``actor_replay`` lets the replayed steps move the actor too."""
+    from pamarl.algos.mfac import MFAC, MFACConfig
+
+    spec = EnvSpec(agent_ids=("a", "b"), obs_dims=(3, 3), state_dim=1, action_kind="discrete", action_dims=(3, 3))
+    cfg = build(MFACConfig, {"hidden": [8], "embed": 8, "mean_embed": 4, "ent_coef": 0.0, "value_coef": 0.0,
+                             "actor_grad": "all_actions", "critic_replay": 64, "critic_updates": 2, "critic_batch": 4,
+                             "actor_replay": True}, "mfac")
+    algo = MFAC(spec, cfg, TrainConfig(algo="mfac", num_envs=1, rollout_len=2, seed=0), torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    b = {"obs": torch.randn(4, 3, generator=g), "next_obs": torch.randn(4, 3, generator=g),
+         "action": torch.tensor([0, 1, 2, 0]), "reward": torch.tensor([1.0, 0.0, -1.0, 0.5]),
+         "done": torch.tensor([0.0, 1.0, 0.0, 0.0]), "mean": torch.tensor([[0.2, 0.3, 0.5]] * 4),
+         "next_mean": torch.tensor([[1.0, 0.0, 0.0]] * 4), "next_mask": torch.ones(4, 3, dtype=torch.bool)}
+    actor = list(algo.actor.parameters())
+    got = torch.autograd.grad(algo.losses(b)[0], actor)
+    logp = torch.log_softmax(algo.actor(b["obs"]), -1)
+    with torch.no_grad():
+        q = algo.critic(b["obs"], b["mean"])
+        adv = q - (logp.exp() * q).sum(-1, keepdim=True)
+    expected_sampled = -(logp.exp().detach() * logp * adv).sum(-1).mean()
+    want = torch.autograd.grad(expected_sampled, actor)
+    for a, w in zip(got, want):
+        assert torch.allclose(a, w, atol=1e-6)
+    assert algo.replay is not None
+    algo.replay.add(b)
+    for replay_actor in (False, True):  # the replayed steps move the actor only with actor_replay
+        algo.cfg.actor_replay = replay_actor
+        actor0 = [p.detach().clone() for p in actor]
+        algo.replay_steps()
+        assert any(not torch.equal(a, p) for a, p in zip(actor0, actor)) == replay_actor
+    with pytest.raises(UsageError, match="actor_grad"):
+        build(MFACConfig, {"actor_grad": "mean"}, "mfac")
+    with pytest.raises(UsageError, match="actor_replay"):
+        build(MFACConfig, {"actor_replay": True, "critic_replay": 8, "critic_updates": 1}, "mfac")

