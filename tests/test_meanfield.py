@@ -235,6 +235,8 @@ def test_runs_on_many_agent_spread_and_resumes(name: str, tmp_path) -> None:
     small = {"hidden": [16], "embed": 16, "mean_embed": 8}
     if name in ("mfq", "il"):
         small.update(learning_starts=100, batch_size=32, agent_steps_per_update=64, checkpoint_replay=True)
+    else:
+        small.update(critic_batch=32, critic_updates=4, checkpoint_replay=True)
     kw = dict(algo=name, env=SPREAD6, steps=200, num_envs=2, rollout_len=25, eval_episodes=1, checkpoint_every=2)
     cfg = build(get_algorithm(name).Config, small, name)
     full = train(quick_run(tmp_path, "full", **kw), cfg, quiet=True)
@@ -278,7 +280,7 @@ def test_mfac_critic_loss_and_replayed_critic_steps() -> None:
     assert "loss/critic_replay" in m and len(algo.replay) == 4 and len(algo.batch) == 0
     assert any(not torch.equal(a, b2) for a, b2 in zip(critic0, algo.critic.parameters()))
     with pytest.raises(UsageError, match="critic_replay"):
-        build(MFACConfig, {"critic_updates": 2}, "mfac")
+        build(MFACConfig, {"critic_replay": 0, "critic_updates": 2, "actor_replay": False}, "mfac")
 
 
 def test_mfac_all_actions_actor_gradient_is_the_expected_sampled_gradient() -> None:
@@ -317,4 +319,6 @@ def test_mfac_all_actions_actor_gradient_is_the_expected_sampled_gradient() -> N
     with pytest.raises(UsageError, match="actor_grad"):
         build(MFACConfig, {"actor_grad": "mean"}, "mfac")
     with pytest.raises(UsageError, match="actor_replay"):
-        build(MFACConfig, {"actor_replay": True, "critic_replay": 8, "critic_updates": 1}, "mfac")
+        build(MFACConfig, {"actor_grad": "sampled", "critic_replay": 8, "critic_updates": 1}, "mfac")
+    with pytest.raises(UsageError, match="actor_replay=false"):
+        build(MFACConfig, {"critic_replay": 0, "critic_updates": 0}, "mfac")
