@@ -164,6 +164,19 @@ def test_battle_pools_the_runs_of_an_entrant_every_model_meets_every_model(tmp_p
     assert main(["battle", f"il={dirs[0]},{tmp_path / 'nope'}", "random", "--env", SMOKE_ENV]) == 2
 
 
+def test_battle_paper_preset_plans_a_shortened_run_with_its_measured_time(tmp_path, capsys) -> None:
+    from pamarl.battle import PAPER_SECONDS_PER_ROUND, paper_estimate_s
+    from pamarl.cli import main
+
+    assert main(["battle", "--preset", "paper", "--rounds", "3", "--episodes", "2", "--seeds", "1",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("steps=1200") == 4 and "x 3 self-play rounds" in out and "measured" in out
+    train_s, battle_s = paper_estimate_s(2000, 20, 3)
+    assert train_s == 2000 * sum(PAPER_SECONDS_PER_ROUND.values()) > 0 and battle_s > 0
+    assert main(["battle", "--preset", "paper", "--rounds", "0"]) == 2
+
+
 def _play_vs_random(policy, env_id: str, episodes: int, seed: int) -> dict[str, float]:
     """Greedy ``policy`` (None: uniform random actions) against the env's random opponent."""
     env = make_env(env_id + "&opponent=random", num_envs=4, seed=seed)
@@ -206,6 +219,32 @@ def test_learns_to_beat_a_random_team(name: str, tmp_path) -> None:
     assert baseline["kills"] < 1.0
     assert learned["win"] >= 0.8, learned
     assert learned["kills"] >= baseline["kills"] + 1.5 and learned["deaths"] <= 1.0, (learned, baseline)
+
+
+@pytest.mark.parametrize("name", ["mfac", "ac"])
+def test_actor_critics_learn_to_beat_a_random_team(name: str, tmp_path) -> None:
+    """MF-AC and AC with their defaults (all-actions actor gradient, replayed critic and actor steps) and an
+    entropy weight of 0.2, 12 v 12 on a 20x20 map, 8,000 env steps against random soldiers: the greedy team wins
+    and kills. Measured (greedy, 8 episodes): MF-AC seed 1 wins 1.0 with 6.9 kills, seed 2 1.0 with 11.1; AC seed 1
+    1.0 with 11.0. The paper's sampled gradient with the same replayed critic steps wins 0.12 with no kills (the
+    critic learns the hit, the actor does not follow); at 4,000 env steps MF-AC does not fight yet (0.06)."""
+    from conftest import quick_run
+
+    from pamarl.algos.registry import get_algorithm
+    from pamarl.checkpoint import load_checkpoint
+    from pamarl.config import build
+    from pamarl.runner import make_algorithm, train
+
+    env_id = "magent2/battle_v4?map_size=20&max_cycles=100"
+    cfg = build(get_algorithm(name).Config, dict(conv_channels=[16], embed=64, lr=1e-3, ent_coef=0.2), name)
+    run = quick_run(tmp_path, algo=name, env=env_id, steps=8000, num_envs=4, rollout_len=25, eval_episodes=1, seed=1,
+                    torch_threads=1)
+    res = train(run, cfg, quiet=True)
+    algo = make_algorithm(run, cfg, make_env(env_id).spec)
+    algo.load_state_dict(load_checkpoint(res.run_dir / "checkpoints" / "final.pt")["algo"])
+    learned = _play_vs_random(algo, env_id, 8, seed=123)
+    assert learned["win"] >= 0.8, learned
+    assert learned["kills"] >= 3.0 and learned["deaths"] <= 1.0, learned
 
 
 def test_bench_counts_engine_agent_steps_on_magent_only(tmp_path) -> None:
