@@ -46,12 +46,15 @@ from pamarl.errors import UsageError
 PAPER_ENV = "magent2/battle_v4?map_size=40&max_cycles=400"
 PAPER_ALGOS = ("mfq", "mfac", "il", "ac")
 PAPER_ROUNDS = 2000
-PAPER_SECONDS_PER_ROUND = {"mfq": 0.0, "mfac": 0.0, "il": 0.0, "ac": 0.0}
-"""Measured wall seconds per 400-step self-play round of the paper preset's training, one core per run (mean of
-rounds 2-10 of a 10-round run; see the README), on the project's shared 2-core machine."""
-PAPER_SECONDS_PER_EPISODE = 0.0
-"""Measured wall seconds per cross-play episode of the paper preset (64 v 64, up to 400 steps, greedy models)."""
-PAPER_MEASURED = "measured 2026-11-25 on the project's shared 2-core machine"
+PAPER_SECONDS_PER_ROUND = {"mfq": 13.4, "mfac": 13.5, "il": 13.7, "ac": 12.8}
+"""Measured wall seconds per 400-step self-play round of the paper preset's training (algorithm defaults, one
+process at a time): the mean of rounds 2-10 (MF-Q, MF-AC) or 2-4 (IL, AC) of the preset's own commands, on the
+project's 2-core machine shared with other jobs (load average 4-5). In CPU seconds about 8 per round for MF-Q and
+IL and 10 for MF-AC and AC (the README)."""
+PAPER_SECONDS_PER_EPISODE = 18.3
+"""Measured wall seconds per cross-play episode of the paper preset (64 v 64 for the full 400 steps, greedy
+models, four episodes at a time; 8 episodes of MF-Q against MF-AC after 10 rounds each, same machine)."""
+PAPER_MEASURED = "measured 2026-11-25 on the project's 2-core machine, shared with other jobs"
 SMOKE_ENV = "magent2/battle_v4?map_size=20&max_cycles=40"
 SMOKE_ENTRANTS = ("random", "script")
 SMOKE_EPISODES = 2
