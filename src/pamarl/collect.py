@@ -117,5 +117,5 @@ def make_collector(run: TrainConfig, algo_cfg: Any) -> Collector:
     from pamarl.envs.guard import build_env
 
     env = build_env(run.env, num_envs=run.num_envs, workers=run.env_workers, seed=run.seed, device=run.device,
-                    backend=run.env_backend)
+                    backend=run.env_backend, inline=run.env_inline)
     return EnvCollector(env, run.rollout_len)
