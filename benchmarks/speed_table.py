@@ -85,7 +85,7 @@ def bench_row(args: list[str]) -> Row:
     if out.returncode != 0:
         return shown, None, f"failed: {out.stderr.strip().splitlines()[-1:]}"
     res = json.loads(out.stdout[out.stdout.index("{"):])
-    note = (f"{res['train_steps_per_cpu_s']:,.0f} per CPU second (all threads); "
+    note = (f"{res['train_steps_per_cpu_s']:,.0f} per CPU second (all threads and env workers); "
             f"raw env in the same config {res['raw_env_steps_per_s']:,.0f}")
     return shown, float(res["train_loop_steps_per_s"]), note
 

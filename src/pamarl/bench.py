@@ -2,8 +2,8 @@
 
 Throughput is env steps per second (one step of E copies counts E). The raw figure steps the same
 E copies with random actions and no learning, so the cost of learning is the gap between the two.
-Training is also given per CPU second (the process's CPU time, all threads), which a shared machine
-distorts far less than wall-clock time.
+Training is also given per CPU second (the CPU time of the process, all threads, and of its env worker
+processes), which a shared machine distorts far less than wall-clock time.
 Peak memory is the maximum resident set size of this process (``getrusage``) and the largest resident set of
 its child processes (env workers) while training, sampled from ``/proc`` every 0.2 s. (``getrusage``'s figure
 for children is useless here: a spawned child is forked before it execs, so it reports the parent's size.)
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -164,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
                   "progress": False, "run_dir": f"{d}/run", **parse_overrides(args.overrides)}
         run, algo_cfg = build_configs(values)
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # its lazy imports stay out of the CPU time
-        cpu0 = time.process_time()
+        def cpu_s() -> float:  # this process and its finished children (env workers are joined by train())
+            t = os.times()
+            return t.user + t.system + t.children_user + t.children_system
+
+        cpu0 = cpu_s()
         with ChildMemory() as children:
             res = train(run, algo_cfg, quiet=True)
-        cpu = time.process_time() - cpu0
+        cpu = cpu_s() - cpu0
         loop_rate = _loop_steps_per_s(res.run_dir / "metrics.csv")
     mem = peak_memory_mb(children)
     engine = raw_engine_agent_steps(args.env, 200)
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pamarl bench: {args.algo} on {args.env}, {args.num_envs} envs x {args.rollout_len} steps, "
               f"workers={args.workers}{' inline' if args.inline else ''}, threads={args.threads} {out['config']}")
         print(f"  training : {out['train_steps_per_s']:>9,.0f} env steps/s ({res.env_steps:,} steps; "
-              f"{out['train_steps_per_cpu_s']:,.0f} per CPU second of all threads, setup included; training loop "
+              f"{out['train_steps_per_cpu_s']:,.0f} per CPU second of all threads and env workers, setup included; "
+              "training loop "
               f"alone {out['train_loop_steps_per_s']:,.0f})")
         print(f"  raw env  : {out['raw_env_steps_per_s']:>9,.0f} env steps/s (random actions, no learning)")
         if engine is not None:
