@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pamarl.algos.base import ActOut, Algorithm, LearnerConfig, Metrics, Progress
-from pamarl.algos.common import adam, check_finite, clip_and_step, masked_mean
+from pamarl.algos.common import check_finite, clip_and_step, fused_adam, masked_mean
 from pamarl.algos.critics import Critics, value_loss
 from pamarl.algos.schedules import Plan, factor_stats, run_schedule, simultaneous
 from pamarl.buffers.rollout import OnPolicyBatch, RolloutBuffer, gae
@@ -117,7 +117,7 @@ class OnPolicyAlgorithm(Algorithm):
         # One optimiser per agent: a sequential phase steps only its agent's optimiser. Value and cost
         # critics have optimisers (and gradient clipping) of their own, so a large cost loss never
         # shrinks the value critic's step through a shared clip.
-        self.actor_opts = [adam(self.actor.agent_parameters(i), cfg.lr, cfg.adam_eps)
+        self.actor_opts = [fused_adam(self.actor.agent_parameters(i), cfg.lr, cfg.adam_eps)
                            for i in range(groups)]
         self.critic_opts = self._critic_optimisers(self.critic)
         self.cost_critic_opts = self._critic_optimisers(self.cost_critic) if self.cost_critic is not None else []
@@ -137,7 +137,7 @@ class OnPolicyAlgorithm(Algorithm):
         return "shared" if shared else "per_agent"
 
     def _critic_optimisers(self, critic: Critics) -> list[torch.optim.Optimizer]:
-        return [adam(critic.net.agent_parameters(i), self.cfg.critic_lr, self.cfg.adam_eps)
+        return [fused_adam(critic.net.agent_parameters(i), self.cfg.critic_lr, self.cfg.adam_eps)
                 for i in range(critic.groups(self.cfg.share_params))]
 
     def _reduce(self, per_agent: torch.Tensor, shared: bool | None = None) -> torch.Tensor:
