@@ -201,8 +201,9 @@ class AgentMLP(nn.Module):
                     alias = nn.Parameter(leaf[len(views)], requires_grad=p.requires_grad)
                     setattr(m, name, alias)
                     views.append(alias)
-                leaf.requires_grad_(any(p.requires_grad for p in views))
+                leaf.requires_grad_(True)  # (a hook needs it; it stays when requires_grad is switched)
                 leaf.register_post_accumulate_grad_hook(self._hand_out)
+                leaf.requires_grad_(any(p.requires_grad for p in views))
                 pairs.append((leaf, views))
             leaves.append(tuple(pairs))
         self._leaves = leaves

@@ -8,7 +8,6 @@ one batched product, keeps each agent's weights as separate parameters (one netw
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
 
 import torch
 from torch import nn
