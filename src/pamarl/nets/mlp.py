@@ -202,7 +202,7 @@ class AgentMLP(nn.Module):
                     setattr(m, name, alias)
                     views.append(alias)
                 leaf.requires_grad_(True)  # (a hook needs it; it stays when requires_grad is switched)
-                leaf.register_post_accumulate_grad_hook(self._hand_out)
+                leaf.register_post_accumulate_grad_hook(self._hook(views))
                 leaf.requires_grad_(any(p.requires_grad for p in views))
                 pairs.append((leaf, views))
             leaves.append(tuple(pairs))
@@ -211,14 +211,25 @@ class AgentMLP(nn.Module):
         self._cache.clear()
         self._pending.clear()
 
-    def _stacked_leaves(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer ``W [k, out, in]`` and ``b [k, out]`` of the networks of agents ``idx``, read from the
-        stacked leaves (the leaves themselves when all networks in order are selected, the usual case)."""
+    def _bound_leaves(self) -> list[tuple[tuple[torch.Tensor, list[nn.Parameter]], ...]]:
         leaves = self._leaves
         if leaves is None or leaves[0][0][1][0].data_ptr() != leaves[0][0][0].data_ptr():
             self._bind()  # the parameters were given new storage behind the module's back: stack them again
-            leaves = cast(list, self._leaves)
+            leaves = self._leaves
+        return cast(list, leaves)
+
+    def _stacked_leaves(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer ``W [k, out, in]`` and ``b [k, out]`` of the networks of agents ``idx``.
+
+        All networks in order (the usual case): the stacked leaves themselves. One network (shared, or
+        one agent of a sequential update): that network's own parameters (leaves too, views of the
+        stacked ones), so autograd accumulates into them directly. Other subsets: gathered rows of the
+        leaves."""
+        leaves = self._bound_leaves()
         nets = [0] if self.shared else idx
+        if len(nets) == 1:
+            i = nets[0]
+            return [(w[1][i].unsqueeze(0), b[1][i].unsqueeze(0)) for w, b in leaves]
         whole = len(nets) == len(self.nets) and nets == list(range(len(nets)))
         grad = torch.is_grad_enabled()
         out = []
@@ -231,7 +242,7 @@ class AgentMLP(nn.Module):
                     self._pending.setdefault(id(leaf), set()).update(nets)
             w, b = pairs[0][0], pairs[1][0]
             if not whole:
-                w, b = (w[nets[0]].unsqueeze(0), b[nets[0]].unsqueeze(0)) if len(nets) == 1 else (w[nets], b[nets])
+                w, b = w[nets], b[nets]
             out.append((w, b))
         return out
 
@@ -245,15 +256,16 @@ class AgentMLP(nn.Module):
         forward and backward (3 x 128 x 128, 256 rows). One network (shared, or one agent) runs as plain
         ``addmm`` over all rows. The activation is applied in place (the products do not keep their output).
         """
-        layers = self._stacked_leaves(idx)
         last = self.n_layers - 1
-        if len(layers[0][0]) == 1:  # one network: a plain matrix product over all rows
+        if self.shared or len(idx) == 1:  # one network: a plain matrix product over all rows, on its parameters
+            i = 0 if self.shared else idx[0]
             h = x.reshape(-1, x.shape[-1])
-            for j, (w, b) in enumerate(layers):
-                h = torch.addmm(b[0], h, w[0].t())
+            for j, ((_, wv), (_, bv)) in enumerate(self._bound_leaves()):
+                h = torch.addmm(bv[i], h, wv[i].t())
                 if j < last:
                     h = self._act_(h)
             return h.view(x.shape[0], x.shape[1], -1)
+        layers = self._stacked_leaves(idx)
         h = x.permute(1, 2, 0)  # [k, in, B], a view
         for j, (w, b) in enumerate(layers):
             h = torch.baddbmm(b.unsqueeze(-1), w, h)
@@ -265,29 +277,27 @@ class AgentMLP(nn.Module):
         """The activation, in place for relu (whose backward reads its own output)."""
         return torch.relu_(h) if self.act is nn.functional.relu else self.act(h)
 
-    def _hand_out(self, leaf: torch.Tensor) -> None:
-        """After backward reached ``leaf``: give each network that took part its slice of the gradient
-        (a view; added to a gradient it already holds, as autograd accumulates) and clear the leaf's."""
-        g = leaf.grad
-        leaf.grad = None
-        nets = self._pending.pop(id(leaf), set())
-        if g is None or self._leaves is None:
-            return
-        if not nets:  # no forward recorded (requires_grad switched on after it): every network's share
-            nets = set(range(len(self.nets)))
-        for pairs in self._leaves:
-            for lf, views in pairs:
-                if lf is leaf:
-                    parts = g.unbind(0)  # every slice in one call
-                    for i in sorted(nets):
-                        p = views[i]
-                        if not p.requires_grad:
-                            continue
-                        if p.grad is None:
-                            p.grad = parts[i]
-                        else:
-                            p.grad.add_(parts[i])
-                    return
+    def _hook(self, views: list[nn.Parameter]) -> Callable[[torch.Tensor], None]:
+        """The hook that runs when backward has accumulated the gradient of the leaf ``views`` slice."""
+
+        def hand_out(leaf: torch.Tensor) -> None:
+            # Give each network that took part its slice of the leaf's gradient (a view; added to a gradient
+            # it already holds, as autograd accumulates), and clear the leaf's for the next backward.
+            g = leaf.grad
+            leaf.grad = None
+            nets = self._pending.pop(id(leaf), None)
+            if g is None:
+                return
+            parts = g.unbind(0)  # every slice in one call
+            for i in sorted(nets) if nets else range(len(views)):  # (no record: switched on after the forward)
+                p = views[i]
+                if p.requires_grad:
+                    if p.grad is None:
+                        p.grad = parts[i]
+                    else:
+                        p.grad.add_(parts[i])
+
+        return hand_out
 
     def __getstate__(self) -> dict[str, object]:
         # The leaves carry hooks bound to this module; a copy (deepcopy, pickle) binds its own (__setstate__).
