@@ -9,11 +9,12 @@ product.
 
 With ``stacked=True`` (the off-policy learners) every layer's weights live in one stacked tensor
 ``W [n_nets, out, in]`` (and ``b [n_nets, out]``) and each agent's ``nn.Parameter`` is a view of its
-slice, sharing storage and version counter. The forward reads ``W`` itself -- one leaf per layer
-instead of a stack of ``n`` parameters under autograd -- and after backward the gradient of ``W`` is
-handed to the agents' parameters as views of its slices (:meth:`AgentMLP._hand_out`). Parameter names,
+slice, sharing storage and version counter. A forward over several networks reads ``W`` itself (one
+leaf per layer instead of a stack of ``n`` parameters under autograd, and products in ``W``'s own
+layout), and after backward a hook on ``W`` hands its gradient to the agents' parameters as views of
+its slices; a forward over one network reads that network's parameters directly. Parameter names,
 shapes, checkpoints and per-agent optimisers are the same as without it; what changes is the number of
-autograd nodes and kernels per update (measured in ``benchmarks/offpolicy_speed.py``). Not for code that
+autograd nodes and copies per update (``benchmarks/offpolicy_speed.py``). Not for code that
 differentiates with respect to the parameters themselves (``torch.autograd.grad(loss, params)``, as
 HATRPO does): the graph holds ``W``, not the per-agent parameters.
 """
@@ -196,7 +197,7 @@ class AgentMLP(nn.Module):
             for name in ("weight", "bias"):
                 old = [getattr(m, name) for m in lins]
                 leaf = torch.stack([p.detach() for p in old])
-                views = []
+                views: list[nn.Parameter] = []
                 for m, p in zip(lins, old):
                     alias = nn.Parameter(leaf[len(views)], requires_grad=p.requires_grad)
                     setattr(m, name, alias)
