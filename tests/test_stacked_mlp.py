@@ -147,3 +147,23 @@ def test_copies_are_independent_and_track_in_place_updates() -> None:
 def test_stacked_refuses_layer_norm() -> None:
     with pytest.raises(ValueError, match="stacked=True"):
         AgentMLP(2, 3, 1, (4,), layer_norm=True, stacked=True)
+
+
+def test_dtype_move_and_pickle_rebind() -> None:
+    """A dtype or device move and a pickle round trip give the parameters new storage: the stacked
+    weights are rebuilt from them, so the forward reads the moved or restored values."""
+    import pickle
+
+    plain, stacked = pair()
+    x = torch.randn(8, 3, 7, dtype=torch.float64)
+    stacked.double()
+    plain.double()
+    torch.testing.assert_close(stacked(x), plain(x))
+    stacked(x).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in stacked.parameters())
+    restored = pickle.loads(pickle.dumps(stacked))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), stacked(x))
+        for p in restored.parameters():
+            p.mul_(0.5)  # in place on the restored parameters: its forward follows, the original does not
+        assert not torch.allclose(restored(x), stacked(x))
