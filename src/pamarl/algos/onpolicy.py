@@ -302,8 +302,9 @@ class OnPolicyAlgorithm(Algorithm):
     def critic_loss(self, critic: Critics, mb: OnPolicyBatch, target: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """Per-agent (``[N]``) or, for a shared critic, one (``[1]``) value loss on the minibatch ``mb``.
 
-        Targets are normalised with the current statistics; the clip is centred on ``old``, the
-        prediction stored at collection time in the same training units.
+        Targets are normalised with the current statistics; the clip is centred on ``old``, the critic's
+        prediction before this update (evaluated in :meth:`prepare`, with the weights the rollout was collected
+        with), in the same training units.
         """
         new = critic.raw(mb.state, mb.obs)
         tgt, m = critic.normalize(target), mb.mask

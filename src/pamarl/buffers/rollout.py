@@ -199,7 +199,8 @@ class OnPolicyBatch:
     mask: torch.Tensor
     """``active`` as 0/1 floats (the weights of every per-agent mean)."""
     value_old: torch.Tensor
-    """Critic predictions at collection time, in its training units (the centre of value clipping)."""
+    """Critic predictions at the rollout's states before this update (the weights it was collected with), in its
+    training units (the centre of value clipping)."""
     ret: torch.Tensor
     """GAE returns ``A + V`` in reward units (the critics' targets)."""
     adv: torch.Tensor
