@@ -15,6 +15,10 @@ Two figures per algorithm, each with the algorithm's default config (printed):
 * **training**: ``--train-steps`` env steps of the loop the runner runs (act, env step, store; every
   ``rollout_len`` steps the gradient steps due), started right after ``learning_starts`` env steps of
   warm-up (not timed), so every timed iteration learns. No evaluation, logging or checkpoints.
+
+``--env mpe-torch`` runs the same task on the batched torch simulator (``mpe-torch/``, step for step
+equal to mpe2 in ``tests/test_mpe_torch.py``), whose env step costs next to nothing; the gradient steps
+per env step are the same (the default ``env_steps_per_update``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,16 @@ from pamarl.algos.offpolicy import OffPolicyAlgorithm
 from pamarl.algos.registry import get_algorithm
 from pamarl.config import TrainConfig
 from pamarl.envs.registry import make_env
-from pamarl.runner import apply_reward_convention, make_algorithm, reward_convention
+from pamarl.runner import make_algorithm
+
+try:
+    from pamarl.runner import apply_reward_convention, reward_convention
+except ImportError:  # older code (e.g. 8dee6e5, the baseline of issue 15): the learners applied the convention
+    def reward_convention(run: TrainConfig, spec: object) -> str:
+        return "individual"
+
+    def apply_reward_convention(step: object, convention: str) -> object:
+        return step
 
 TASKS = {"maddpg": "mpe/simple_spread_v3", "hatd3": "mpe/simple_spread_v3?continuous=true",
          "qmix": "mpe/simple_spread_v3"}
@@ -106,11 +119,13 @@ def main() -> None:
     ap.add_argument("--num-envs", type=int, default=8)
     ap.add_argument("--rollout-len", type=int, default=25)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--env", choices=("mpe", "mpe-torch"), default="mpe",
+                    help="env family of the task: mpe2 (numpy, per copy) or the batched torch simulator")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 torch thread, CPU time")
     for name in args.algos.split(","):
-        env_id = TASKS.get(name, "mpe/simple_spread_v3")
+        env_id = TASKS.get(name, "mpe/simple_spread_v3").replace("mpe/", f"{args.env}/", 1)
         cfg = get_algorithm(name).Config()
         keys = ("batch_size", "env_steps_per_update", "hidden", "critic_hidden", "learning_starts", "tau",
                 "policy_delay", "mixing_embed", "hypernet_layers")

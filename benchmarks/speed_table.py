@@ -3,13 +3,19 @@ pamarl training throughput (``pamarl bench``), with the machine, the versions an
 
     PYTHONPATH=src .venv/bin/python benchmarks/speed_table.py            # everything (about 10-15 min)
     PYTHONPATH=src .venv/bin/python benchmarks/speed_table.py --only raw # env stepping only (about 1 min)
+    PYTHONPATH=src .venv/bin/python benchmarks/speed_table.py --only mpe2 --harl-python ... --harl-src ...
+                                                                  # the mpe2 path against HARL (about 6 min)
 
 Raw stepping: one torch thread, random actions drawn up front (a pool of 16 batches cycled, so neither
 side pays for its random numbers), the same simple_spread (N=3, 25-step episodes). pamarl's envs reset
 automatically every 25 steps and keep episode statistics; VMAS is stepped without resets (its step does
 not reset), which favours VMAS. VMAS is only used here (``pip install vmas``); rows whose package is
 missing are printed as such. HARL runs in its own virtualenv (``../shared/reference/harl/``): pass
-``--harl-python`` and ``--harl-src`` to add its row.
+``--harl-python`` and ``--harl-src`` to add its rows: HARL runs before and after pamarl's mpe2 rows, and
+the mpe2 rows print their ratio to the mean of the two HARL figures.
+
+Training rows give the rate of the training loop alone (``train_loop_steps_per_s`` of ``pamarl bench
+--json``: collection and updates, without process start-up and the final evaluation), as HARL's FPS does.
 """
 
 from __future__ import annotations
@@ -79,9 +85,9 @@ def bench_row(args: list[str]) -> Row:
     if out.returncode != 0:
         return shown, None, f"failed: {out.stderr.strip().splitlines()[-1:]}"
     res = json.loads(out.stdout[out.stdout.index("{"):])
-    note = (f"{res['train_steps_per_cpu_s']:,.0f} per CPU second (all threads); "
+    note = (f"{res['train_steps_per_cpu_s']:,.0f} per CPU second (all threads and env workers); "
             f"raw env in the same config {res['raw_env_steps_per_s']:,.0f}")
-    return shown, float(res["train_steps_per_s"]), note
+    return shown, float(res["train_loop_steps_per_s"]), note
 
 
 def harl_row(python: str, src: str, steps: int) -> Row:
@@ -133,7 +139,7 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--only", choices=["raw", "train"], default=None)
+    p.add_argument("--only", choices=["raw", "train", "mpe2"], default=None)
     p.add_argument("--budget", type=int, default=400_000, help="env steps per raw-stepping row")
     p.add_argument("--train-steps", type=int, default=307_200, help="env steps per training row (mpe2 rows: a quarter)")
     p.add_argument("--harl-python", default=None)
@@ -157,15 +163,32 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((name, wall, f"1 torch thread, random actions; {cpu:,.0f} per CPU second"))
             except ImportError as err:
                 rows.append((name, None, f"not installed ({err.name})"))
-    if args.only in (None, "train"):
-        s = str(args.train_steps)
+    if args.only in (None, "train", "mpe2"):
         quarter = str(args.train_steps // 4)
+        harl = args.harl_python and args.harl_src
+        if harl:
+            rows.append(harl_row(args.harl_python, args.harl_src, args.train_steps // 4))
+        mpe2: list[Row] = []
         for algo in ("happo", "mappo"):
             # The mpe2 path in HARL's side-by-side configuration (8 envs x 200, 5 epochs, 1 minibatch): one
-            # process, then the env copies in 2 subprocesses and/or 2 torch threads (the second core).
-            for workers, threads in ((0, 1), (2, 1), (0, 2), (2, 2)):
-                rows.append(bench_row(["--algo", algo, "--env", "mpe/simple_spread_v3", "--steps", quarter,
-                                       "--workers", str(workers), "--threads", str(threads)]))
+            # process on one thread, then the second core: the env copies shared with one worker process
+            # (env_inline) and/or 2 torch threads for the update.
+            for extra in (["--threads", "1"], ["--threads", "2"], ["--workers", "1", "--inline", "--threads", "1"],
+                          ["--workers", "1", "--inline", "--threads", "2"]):
+                mpe2.append(bench_row(["--algo", algo, "--env", "mpe/simple_spread_v3", "--steps", quarter, *extra]))
+        if harl:
+            rows.append(harl_row(args.harl_python, args.harl_src, args.train_steps // 4))
+            got = [v for _, v, _ in rows[-2:] if v is not None]
+            if got:
+                ref = sum(got) / len(got)
+                mpe2 = [(n, v, f"{note}; {v / ref:.2f}x HARL" if v is not None else note) for n, v, note in mpe2]
+        else:
+            rows.append(("HARL happo, mpe2 simple_spread (8 x 200)", None,
+                         "not run: give --harl-python and --harl-src (see shared/reference/harl/)"))
+        rows[-1:-1] = mpe2
+    if args.only in (None, "train"):
+        s = str(args.train_steps)
+        for algo in ("happo", "mappo"):
             # The batched torch MPE: 1,600 samples per gradient step as on the mpe2 path (128 x 50, 4 minibatches:
             # the same gradient steps per env step), and large-batch configurations.
             for e, t, mb in ((128, 50, 4), (512, 50, 1), (1024, 50, 1)):
@@ -173,11 +196,6 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(bench_row(["--algo", algo, "--env", "mpe-torch/simple_spread_v3", "--num-envs", str(e),
                                            "--rollout-len", str(t), "--steps", s, "--threads", str(threads),
                                            f"minibatches={mb}"]))
-        if args.harl_python and args.harl_src:
-            rows.append(harl_row(args.harl_python, args.harl_src, args.train_steps // 4))
-        else:
-            rows.append(("HARL happo, mpe2 simple_spread (8 x 200)", None,
-                         "not run: give --harl-python and --harl-src (see shared/reference/harl/)"))
     print(f"machine: {machine()}")
     print(f"versions: {versions()}")
     print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}\n")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,7 @@ from pamarl.envs.matrix import homogeneity_trap_payoff
 from pamarl.envs.mpe import make_mpe
 from pamarl.envs.registry import make_env
 from pamarl.errors import UsageError
+from pamarl.runner import build_configs
 
 
 @pytest.mark.parametrize("task", ["simple_spread_v3", "simple_speaker_listener_v4", "simple_tag_v3",
@@ -73,18 +77,55 @@ def test_episode_bookkeeping_truncation_and_team_return():
     env.close()
 
 
-def test_subprocess_envs_match_in_process():
-    a = make_env("mpe/simple_spread_v3", num_envs=4, seed=1)
-    b = make_env("mpe/simple_spread_v3", num_envs=4, seed=1, workers=2)
+def _same_step(sa: Any, sb: Any) -> None:
+    for part in ("next", "final"):
+        for k in ("obs", "state", "action_mask", "active", "first"):
+            assert torch.equal(getattr(getattr(sa, part), k), getattr(getattr(sb, part), k)), (part, k)
+    for k in ("reward", "terminated", "truncated"):
+        assert torch.equal(getattr(sa, k), getattr(sb, k)), k
+    assert [dataclasses.astuple(e) for e in sa.episodes] == [dataclasses.astuple(e) for e in sb.episodes]
+
+
+@pytest.mark.parametrize(("workers", "inline", "continuous"), [(2, False, False), (1, True, False), (2, True, True)])
+def test_subprocess_envs_match_in_process(workers: int, inline: bool, continuous: bool) -> None:
+    """Worker processes (and this process stepping a share with env_inline) give the in-process numbers:
+    every field of every step, episode statistics in copy order, through automatic resets."""
+    env_id = f"mpe/simple_spread_v3?continuous={str(continuous).lower()}&max_cycles=10"
+    a = make_env(env_id, num_envs=5, seed=1)
+    b = make_env(env_id, num_envs=5, seed=1, workers=workers, inline=inline)
     oa, ob = a.reset(seed=5), b.reset(seed=5)
-    assert torch.equal(oa.obs, ob.obs)
+    assert torch.equal(oa.obs, ob.obs) and torch.equal(oa.first, ob.first)
     g = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        act = torch.randint(0, 5, (4, 3), generator=g)
+    ended = 0
+    for _ in range(25):
+        act = torch.rand(5, 3, 5, generator=g) if continuous else torch.randint(0, 5, (5, 3), generator=g)
         sa, sb = a.step(act), b.step(act)
-        assert torch.equal(sa.next.obs, sb.next.obs) and torch.equal(sa.reward, sb.reward)
+        _same_step(sa, sb)
+        ended += len(sa.episodes)
+    assert ended == 10  # two episode ends per copy went through the comparison
+    assert a.render(3) is None or np.array_equal(a.render(3), b.render(3))
     a.close()
     b.close()
+
+
+def test_step_results_do_not_alias_the_shared_table() -> None:
+    """The tensors a step returns stay as they were when the env steps again (they are copies)."""
+    env = make_env("mpe/simple_spread_v3", num_envs=2, seed=0, workers=1, inline=True)
+    env.reset(seed=0)
+    first = env.step(torch.ones(2, 3, dtype=torch.long))
+    kept = first.next.obs.clone()
+    env.step(torch.full((2, 3), 2, dtype=torch.long))
+    assert torch.equal(first.next.obs, kept)
+    env.close()
+
+
+def test_env_inline_needs_local_workers() -> None:
+    with pytest.raises(UsageError, match="env_inline=true"):
+        build_configs({"env_inline": True})
+    with pytest.raises(UsageError, match="env_inline=true"):
+        build_configs({"env_inline": True, "env_workers": 1, "env_backend": "ray"})
+    with pytest.raises(UsageError, match="set env_inline=false"):
+        make_env("matrix/penalty", num_envs=2, workers=1, inline=True)
 
 
 class _MaskedDeathEnv(ParallelEnv):

@@ -227,12 +227,15 @@ def onpolicy_algo(name: str, spec: EnvSpec, reward: str = "individual", **cfg: A
     return cls(spec, conf, TrainConfig(algo=name, num_envs=E, rollout_len=T, seed=0, reward=reward), CPU)
 
 
-def fill_rollout(algo: Any, seed: int = 0, masks: bool = True) -> Rollout:
-    """A fixed rollout written straight into the buffer (float64; bypasses the float32 ``add``).
+def fill_rollout(algo: Any, seed: int = 0, masks: bool = True) -> tuple[Rollout, Tensor]:
+    """A fixed rollout written straight into the buffer (float64; bypasses the float32 ``add``), and the
+    collection-time values ``[T, E, N]`` (training units) of the critic as it is now.
 
     Actions and log-probabilities come from a *behaviour* policy (the current actor with perturbed
-    weights), and the stored values from a perturbed critic, so that ratios and value changes are far
-    from 1 and 0 and both clips bite. One termination and one truncation sit inside the rollout.
+    weights), so that ratios are far from 1. The update evaluates the critic on the rollout in ``prepare``;
+    right after that the critic is perturbed here, as if it had already moved, so that value changes are far
+    from 0 at the first step and the value clip bites too. One termination and one truncation sit inside
+    the rollout.
     """
     g = torch.Generator().manual_seed(seed)
     spec = algo.spec
@@ -258,10 +261,7 @@ def fill_rollout(algo: Any, seed: int = 0, masks: bool = True) -> Rollout:
             action = mean + std * torch.randn(mean.shape, generator=g)
         logp = torch.stack([agent_policy(behaviour, i, obs[:T, :, i], allowed[:, :, i], action[:, :, i])[0]
                             for i in range(n)], 2)
-        collect_critic = copy.deepcopy(algo.critic.net)
-        for p in collect_critic.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
-        value = torch.stack([relu_mlp(layers_of(collect_critic.nets[head(algo, i)]), state[:T])[..., 0]
+        value = torch.stack([relu_mlp(layers_of(algo.critic.net.nets[head(algo, i)]), state[:T])[..., 0]
                              for i in range(n)], -1)
     terminated, truncated = torch.zeros(T, E, dtype=torch.bool), torch.zeros(T, E, dtype=torch.bool)
     terminated[2, 0] = True
@@ -274,11 +274,20 @@ def fill_rollout(algo: Any, seed: int = 0, masks: bool = True) -> Rollout:
     if algo.team_rewards:  # what the runner hands the learners under reward=team: every agent gets the sum
         reward = reward.sum(-1, keepdim=True).expand(T, E, n).clone()
     rollout = Rollout(obs=obs[:T], state=state[:T], action_mask=allowed, active=active, action=action, logp=logp,
-                      value=value, reward=reward, terminated=terminated, done=done, next_obs=next_obs,
-                      next_state=next_state)
+                      reward=reward, terminated=terminated, done=done, next_obs=next_obs, next_state=next_state)
     algo.buffer._data = rollout
     algo.buffer.t = T
-    return rollout
+    real_prepare = algo.prepare
+
+    def prepare() -> Any:
+        batch = real_prepare()
+        with torch.no_grad():
+            for p in algo.critic.net.parameters():
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+        return batch
+
+    algo.prepare = prepare
+    return rollout, value
 
 
 def head(algo: Any, i: int) -> int:
@@ -293,13 +302,13 @@ def seed_value_norm(algo: Any) -> None:
         algo.critic.norm.update(2.0 + 3.0 * torch.randn(50, algo.critic.n_out, generator=g))
 
 
-def ref_advantages(algo: Any, d: Rollout, norm: RefValueNorm | None) -> dict[str, Tensor]:
-    """GAE (eq. 16) from the stored values and the critic's values of the true successors, flattened to
-    ``[B, N]``; the stored values are in training units and mapped back with the pre-update statistics."""
+def ref_advantages(algo: Any, d: Rollout, value: Tensor, norm: RefValueNorm | None) -> dict[str, Tensor]:
+    """GAE (eq. 16) from the collection-time values and the critic's values of the true successors, flattened
+    to ``[B, N]``; the values are in training units and mapped back with the pre-update statistics."""
     cfg, n = algo.cfg, algo.n
     denorm = (lambda x: x) if norm is None else norm.denormalize
     with torch.no_grad():
-        v = denorm(d.value)
+        v = denorm(value)
         v_next = denorm(torch.stack(
             [relu_mlp(layers_of(algo.critic.net.nets[head(algo, i)]), d.next_state)[..., 0] for i in range(n)], -1))
     adv = gae_eq16(d.reward, v, v_next, d.terminated, d.done, cfg.gamma, cfg.gae_lambda)
@@ -308,7 +317,7 @@ def ref_advantages(algo: Any, d: Rollout, norm: RefValueNorm | None) -> dict[str
     return {"adv": standardised(adv.reshape(B, n), w), "ret": (adv + v).reshape(B, n), "w": w,
             "obs": d.obs.reshape(B, n, -1), "state": d.state.reshape(B, -1),
             "allowed": d.action_mask.reshape(B, n, -1), "action": d.action.reshape(B, n, *d.action.shape[3:]),
-            "logp_old": d.logp.reshape(B, n), "v_old": d.value.reshape(B, n)}
+            "logp_old": d.logp.reshape(B, n), "v_old": value.reshape(B, n)}
 
 
 def ref_actor_loss(actor: Any, r: dict[str, Tensor], i: int, factor: Tensor, clip: float, ent_coef: float
@@ -339,9 +348,9 @@ def test_mappo_losses_and_gradients_match_the_paper(monkeypatch: pytest.MonkeyPa
                          value_norm=value_norm != "off")
     if value_norm == "seeded":
         seed_value_norm(algo)
-    d = fill_rollout(algo)
+    d, value = fill_rollout(algo)
     norm = RefValueNorm(algo.critic.norm) if value_norm != "off" else None
-    r = ref_advantages(algo, d, norm)
+    r = ref_advantages(algo, d, value, norm)
     actor_params = [algo.actor.agent_parameters(i) for i in range(algo.n)]
     heads = sorted({head(algo, i) for i in range(algo.n)})
     critic_params = [list(algo.critic.net.nets[h].parameters()) for h in heads]
@@ -402,8 +411,8 @@ def test_happo_factor_and_sequential_gradients_match_eq_11(monkeypatch: pytest.M
     spec = onpolicy_spec(action_dims=(2, 1, 2), continuous=True) if continuous else onpolicy_spec()
     algo = onpolicy_algo("happo", spec, entropy_coef=0.05, clip=0.2, lr=0.05, critic_epochs=0, gamma=0.9)
     seed_value_norm(algo)
-    d = fill_rollout(algo, seed=1)
-    r = ref_advantages(algo, d, RefValueNorm(algo.critic.norm))
+    d, value = fill_rollout(algo, seed=1)
+    r = ref_advantages(algo, d, value, RefValueNorm(algo.critic.norm))
     order = [2, 0, 1]
     monkeypatch.setattr(algo, "plan", lambda batch, progress: Plan(phases=[[i] for i in order], critical=order))
     factors: list[Tensor] = []
@@ -446,8 +455,8 @@ def test_hatrpo_step_matches_eq_8_with_the_exact_kl_hessian(monkeypatch: pytest.
     spec = onpolicy_spec(n=2, action_dims=(3, 3), obs=2, masks=False)  # a tiny policy: 27 parameters
     algo = onpolicy_algo("hatrpo", spec, hidden=(4,), critic_epochs=0, kl_threshold=delta, damping=0.1,
                          accept_ratio=accept_ratio, cg_iters=60, cg_residual_tol=1e-28, gamma=0.9)
-    d = fill_rollout(algo, seed=2, masks=False)
-    r = ref_advantages(algo, d, RefValueNorm(algo.critic.norm))
+    d, value = fill_rollout(algo, seed=3, masks=False)
+    r = ref_advantages(algo, d, value, RefValueNorm(algo.critic.norm))
     order = [1, 0]
     monkeypatch.setattr(algo, "plan", lambda batch, progress: Plan(phases=[[i] for i in order], critical=order))
     steps: list[dict[str, Any]] = []

@@ -21,11 +21,23 @@ def _col(run_dir, key):
 
 @pytest.mark.slow
 def test_happo_return_rises_on_halfcheetah_2x3(tmp_path):
-    res = train(quick_run(tmp_path, algo="happo", env="mamujoco/HalfCheetah-2x3?episode_limit=200", steps=40_000,
-                          num_envs=4, rollout_len=200, eval_episodes=4, seed=1))
-    rets = _col(res.run_dir, "train/return_mean")
-    assert np.mean(rets[-10:]) > np.mean(rets[:5]) + 60, rets
-    assert res.final_eval["eval/return_mean"] > np.mean(rets[:5]) + 100
+    """HAPPO's training return rises by 60 within 40k env steps and its greedy policy beats the first
+    iterations by 100, on average over three seeds.
+
+    Why three: HalfCheetah amplifies float-level differences (a fused optimiser kernel, a batched instead of
+    per-step critic pass), so one seed's outcome moves a lot with them. Measured over seeds 1-7, before and
+    after such a change: rise 44-173 (mean 107) and 46-160 (mean 111), each with one to three seeds below 60;
+    the mean over seeds 1-3 was 92 and 124.
+    """
+    gains, evals = [], []
+    for seed in (1, 2, 3):
+        res = train(quick_run(tmp_path, name=f"s{seed}", algo="happo", env="mamujoco/HalfCheetah-2x3?episode_limit=200",
+                              steps=40_000, num_envs=4, rollout_len=200, eval_episodes=4, seed=seed))
+        rets = _col(res.run_dir, "train/return_mean")
+        gains.append(np.mean(rets[-10:]) - np.mean(rets[:5]))
+        evals.append(res.final_eval["eval/return_mean"] - np.mean(rets[:5]))
+    assert np.mean(gains) > 60, gains
+    assert np.mean(evals) > 100, evals
 
 
 def test_progressive_uses_cost_critics_and_lambda_on_safe_task(tmp_path):

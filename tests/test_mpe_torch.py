@@ -157,3 +157,41 @@ def test_happo_learns_on_the_batched_simple_spread(tmp_path):
                           rollout_len=25, seed=1, eval_episodes=64))
     assert res.final_eval["eval/return_mean"] > rand + 10, (res.final_eval, rand)
     assert res.last_return > rand + 8
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__len__")
+
+
+@pytest.mark.parametrize("algo_name", ["happo", "mappo", "ippo"])
+def test_collecting_on_the_batched_mpe_reads_nothing_back_per_step(monkeypatch: pytest.MonkeyPatch,
+                                                                    algo_name: str) -> None:
+    """The acting loop on ``mpe-torch`` never asks a tensor for a host value (what is a device-to-host copy
+    and a synchronisation on a GPU): acting, env stepping, rewards and storing stay on the device, and the
+    episodes that ended are read once, after the rollout (one ``tolist`` per batch of ended episodes)."""
+    from pamarl.algos.registry import get_algorithm
+    from pamarl.collect import EnvCollector
+    from pamarl.config import TrainConfig
+    from pamarl.runner import apply_reward_convention, make_algorithm, reward_convention
+
+    run = TrainConfig(algo=algo_name, env="mpe-torch/simple_spread_v3", num_envs=16, rollout_len=30, steps=10**5)
+    env = make_env(run.env, num_envs=16, seed=0)
+    algo = make_algorithm(run, get_algorithm(algo_name).Config(), env.spec)
+    conv = reward_convention(run, env.spec)
+    collector = EnvCollector(env, run.rollout_len)
+    collector.reset(seed=0)
+    calls: dict[str, int] = {}
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *a: object, _real: object = real, _name: str = name, **k: object) -> object:
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(self, *a, **k)  # type: ignore[operator]
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    got = collector.collect(algo, 0, lambda st: apply_reward_convention(st, conv))
+    seen = dict(calls)
+    bool(torch.ones(()))  # the counting itself works
+    monkeypatch.undo()
+    assert calls.get("__bool__", 0) == seen.get("__bool__", 0) + 1
+    assert seen == {"tolist": 1}, f"host reads during a 30-step rollout: {seen}"
+    assert len(got.episodes) == 16 and all(e.length == 25 for e in got.episodes)

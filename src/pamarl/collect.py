@@ -91,6 +91,7 @@ class EnvCollector(Collector):
         assert self.env is not None and self.obs is not None, "reset() before collect()"
         got = Collected()
         obs = self.obs
+        ended = []  # read after the rollout: a batched GPU env's episodes are device tensors until then
         for _ in range(self.rollout_len):
             out = algo.act(obs, explore=True)
             lp = step_logp(out, obs, self.spec.n_agents)
@@ -98,9 +99,12 @@ class EnvCollector(Collector):
                 got.logps.append(lp)
             st = self.env.step(out.env_action)
             algo.observe(obs, out, shape(st))
-            got.episodes.extend(st.episodes)
+            if len(st.episodes):
+                ended.append(st.episodes)
             obs = st.next
         self.obs = obs
+        for episodes in ended:
+            got.episodes.extend(episodes)
         return got
 
     def close(self) -> None:
@@ -117,5 +121,5 @@ def make_collector(run: TrainConfig, algo_cfg: Any) -> Collector:
     from pamarl.envs.guard import build_env
 
     env = build_env(run.env, num_envs=run.num_envs, workers=run.env_workers, seed=run.seed, device=run.device,
-                    backend=run.env_backend)
+                    backend=run.env_backend, inline=run.env_inline)
     return EnvCollector(env, run.rollout_len)

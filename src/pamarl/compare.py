@@ -57,7 +57,8 @@ from pamarl.plot import slug
 from pamarl.report import human as _human
 from pamarl.report import write_report
 
-IGNORED_IN_CHECK = ("steps", "run_dir", "progress", "tensorboard", "env_workers", "env_backend", "torch_threads")
+IGNORED_IN_CHECK = ("steps", "run_dir", "progress", "tensorboard", "env_workers", "env_inline", "env_backend",
+                    "torch_threads")
 """Config keys that may differ between a run on disk and the planned one (they do not change results,
 or, for ``steps``, are handled by extending the run)."""
 

@@ -44,6 +44,10 @@ class TrainConfig:
     """Steps per env copy in each iteration (on-policy rollout length T)."""
     env_workers: int = 0
     """0: step the env copies in this process; W > 0: in W subprocesses (or W Ray actors: env_backend)."""
+    env_inline: bool = False
+    """With env_workers=W (local), this process steps a share of the copies too (W + 1 equal shares), in
+    parallel with the workers, instead of waiting for them: on 2 cores env_workers=1 env_inline=true keeps both
+    busy while the env steps. Same numbers as env_workers=0 for a fixed seed."""
     env_backend: str = "local"
     """Where env_workers run: local (subprocesses) or ray (Ray actors on the cluster of RAY_ADDRESS, else a
     local one; needs pamarl[ray]). Same numbers either way. Also where rollout_workers run (local: in this

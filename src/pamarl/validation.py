@@ -143,6 +143,7 @@ RULES: dict[str, Rule] = {
     "num_envs": positive(int, resume="the env-reset schedule and the rollout buffers are sized by it"),
     "rollout_len": positive(int, resume="iterations (and the env steps counted so far) are defined by it"),
     "env_workers": nonneg(int, resume=True),
+    "env_inline": Rule(bool, resume=True),
     "eval_every": nonneg(int, resume=True),
     "eval_episodes": positive(int, resume=True),
     "eval_deterministic": Rule(bool, resume=True),
@@ -332,6 +333,10 @@ def check_together(run: Any, algo_cfg: Any) -> None:
                          f"rollout_len = {run.num_envs} x {run.rollout_len}); use at most {batch}")
     if run.rollout_workers > 0:
         check_rollout_workers(run)
+    if run.env_inline and (run.env_workers < 1 or run.env_backend != "local"):
+        raise UsageError(f"env_inline=true shares the env copies between this process and its local env workers, but "
+                         f"env_workers={run.env_workers} env_backend={run.env_backend}: set env_workers>=1 "
+                         "env_backend=local, or env_inline=false")
     bs, cap = getattr(algo_cfg, "batch_size", None), getattr(algo_cfg, "buffer_size", None)
     if bs is not None and cap is not None and bs > cap:
         raise UsageError(f"batch_size={bs} exceeds buffer_size={cap}: the replay can never fill one batch")

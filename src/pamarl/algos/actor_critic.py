@@ -76,7 +76,7 @@ class ActorCriticAlgorithm(OffPolicyAlgorithm):
         k = self.n_critics()
         shared = self.critic_shared()
         self.critic = AgentMLP(k, x_dim + spec.n_agents * spec.act_dim, 1, cfg.critic_hidden, cfg.activation,
-                               shared=shared, agent_id=shared).to(self.device)
+                               shared=shared, agent_id=shared, stacked=True).to(self.device)
         self.target_critic = frozen_copy(self.critic)
         self.nets = {"actor": self.actor, "target_actor": self.target_actor, "critic": self.critic,
                      "target_critic": self.target_critic}

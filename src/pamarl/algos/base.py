@@ -50,11 +50,6 @@ class ActOut:
     """The action as the learner stores it (discrete ids, or the unsquashed Gaussian sample)."""
     logp: torch.Tensor | None = None
     """``[E, N]`` log-probability of ``action`` under the acting policy (stochastic policies)."""
-    value: torch.Tensor | None = None
-    """``[E, N]`` value prediction at acting time, in the critic's training units (normalised when the
-    critic normalises its targets): value clipping is centred on exactly this number."""
-    cost_value: torch.Tensor | None = None
-    """``[E, N]`` cost-critic prediction at acting time, in its training units."""
 
 
 @dataclass(frozen=True)

@@ -39,11 +39,14 @@ def clip_and_step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter], ma
 
     Returns the gradient norm before clipping (a 0-d tensor; no host sync).
     """
-    ps = [p for p in params if p.grad is not None]
-    if max_norm > 0:
-        norm = nn.utils.clip_grad_norm_(ps, max_norm, foreach=True)
-    elif ps:
-        norm = torch.linalg.vector_norm(torch.stack([cast(torch.Tensor, p.grad).norm() for p in ps]))
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        # clip_grad_norm_'s arithmetic (foreach norms, their norm, coefficient max_norm / (norm + 1e-6)
+        # clamped at 1), without its grouping by device and dtype, which cost more than the arithmetic
+        # (about 50 us per call on the off-policy learners' small networks).
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if max_norm > 0:
+            torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
     else:
         norm = torch.zeros(())
     opt.step()
@@ -64,7 +67,7 @@ def adam(params: Iterable[nn.Parameter], lr: float, eps: float) -> torch.optim.O
     on a CPU the per-tensor loop costs more than the arithmetic for pamarl's small networks. Not
     ``fused=True``, although it is faster still: fused steps do not bump the parameters' version
     counters, which AgentMLP's cache of stacked weights relies on to notice that the weights changed
-    (:class:`FusedAdam` bumps them itself; the off-policy learners use it)."""
+    (:class:`FusedAdam` bumps them itself; the on- and off-policy learners use it)."""
     return torch.optim.Adam(list(params), lr=lr, eps=eps, foreach=True)
 
 
@@ -72,7 +75,7 @@ class FusedAdam(torch.optim.Adam):
     """Adam with torch's fused kernel (one call per step for all parameters), which also bumps the
     parameters' version counters.
 
-    The off-policy learners step several small optimisers per gradient step; the ``foreach`` path on a
+    The learners step several small optimisers per gradient step; the ``foreach`` path on a
     CPU loops over the tensors in C++ with about ten ops each plus a host read of every ``step``
     counter, which cost more than a third of a MADDPG gradient step (profiled, simple_spread, batch
     256). The fused kernel does the same arithmetic (results differ from ``foreach`` in the last bit of
@@ -86,6 +89,9 @@ class FusedAdam(torch.optim.Adam):
         super().__init__(list(params), lr=lr, eps=eps, fused=True)
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        if closure is None and len(self.param_groups) == 1:  # the learners' case: _step_together's lean step
+            _step_together([self])
+            return None
         loss = super().step(closure)
         torch.autograd.graph.increment_version(
             [p for g in self.param_groups for p in g["params"] if p.grad is not None])
@@ -98,7 +104,8 @@ class FusedAdam(torch.optim.Adam):
 
 
 def fused_adam(params: Iterable[nn.Parameter], lr: float, eps: float) -> torch.optim.Optimizer:
-    """:class:`FusedAdam` (the off-policy learners' optimiser; see there why not :func:`adam`)."""
+    """:class:`FusedAdam` (the on- and off-policy learners' optimiser; see there why not :func:`adam`). On the
+    on-policy side it makes a HAPPO update 6% faster on mpe-torch (128 x 50, 4 minibatches, measured)."""
     return FusedAdam(params, lr, eps)
 
 
@@ -153,8 +160,18 @@ def _step_together(opts: list[torch.optim.Optimizer]) -> None:
             has_complex |= cast(FusedAdam, o)._init_group(g, ps, grads, avgs, sqs, max_sqs, steps)
     g0 = groups[0]
     with torch.no_grad():
-        adam_functional(ps, grads, avgs, sqs, max_sqs, steps, amsgrad=g0["amsgrad"], has_complex=has_complex,
-                        beta1=g0["betas"][0], beta2=g0["betas"][1], lr=g0["lr"], weight_decay=g0["weight_decay"],
-                        eps=g0["eps"], maximize=g0["maximize"], foreach=None, capturable=False, differentiable=False,
-                        fused=True, decoupled_weight_decay=g0["decoupled_weight_decay"])
+        if ps and not has_complex and not g0["maximize"] and len({(p.device, p.dtype) for p in ps}) == 1:
+            # What torch.optim.adam's fused path runs for one device and dtype (step counts + 1, then the
+            # kernel), without its regrouping of the lists by device and dtype, which cost more than the
+            # kernel on these networks (about 50 us a call).
+            torch._foreach_add_(steps, 1)
+            kernel = torch._fused_adamw_ if g0["decoupled_weight_decay"] else torch._fused_adam_
+            kernel(ps, grads, avgs, sqs, max_sqs, steps, amsgrad=g0["amsgrad"], lr=g0["lr"], beta1=g0["betas"][0],
+                   beta2=g0["betas"][1], weight_decay=g0["weight_decay"], eps=g0["eps"], maximize=False,
+                   grad_scale=None, found_inf=None)
+        else:
+            adam_functional(ps, grads, avgs, sqs, max_sqs, steps, amsgrad=g0["amsgrad"], has_complex=has_complex,
+                            beta1=g0["betas"][0], beta2=g0["betas"][1], lr=g0["lr"], weight_decay=g0["weight_decay"],
+                            eps=g0["eps"], maximize=g0["maximize"], foreach=None, capturable=False,
+                            differentiable=False, fused=True, decoupled_weight_decay=g0["decoupled_weight_decay"])
     torch.autograd.graph.increment_version(ps)

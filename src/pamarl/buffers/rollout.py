@@ -111,18 +111,20 @@ class Rollout:
     active: torch.Tensor
     action: torch.Tensor
     logp: torch.Tensor
-    value: torch.Tensor
     reward: torch.Tensor
     terminated: torch.Tensor
     done: torch.Tensor
     next_obs: torch.Tensor
     next_state: torch.Tensor
     cost: torch.Tensor | None = None
-    cost_value: torch.Tensor | None = None
 
 
 class RolloutBuffer:
-    """Preallocated storage for ``T`` steps of ``E`` envs; filled by :meth:`add`, read by :meth:`data`."""
+    """Preallocated storage for ``T`` steps of ``E`` envs; filled by :meth:`add`, read by :meth:`data`.
+
+    No values: the critics do not change during collection, so the update evaluates them on the stored
+    states in one batched pass (:meth:`pamarl.algos.onpolicy.OnPolicyAlgorithm.prepare`) instead of per step.
+    """
 
     def __init__(self, spec: EnvSpec, num_envs: int, length: int, with_cost: bool, device: torch.device):
         T, E, N = length, num_envs, spec.n_agents
@@ -137,14 +139,12 @@ class RolloutBuffer:
             active=z(T, E, N, dt=torch.bool),
             action=z(*act_shape, dt=torch.long if spec.discrete else torch.float32),
             logp=z(T, E, N),
-            value=z(T, E, N),
             reward=z(T, E, N),
             terminated=z(T, E, dt=torch.bool),
             done=z(T, E, dt=torch.bool),
             next_obs=z(T, E, N, spec.obs_dim),
             next_state=z(T, E, spec.state_dim),
             cost=z(T, E, N) if with_cost else None,
-            cost_value=z(T, E, N) if with_cost else None,
         )
 
     def add(
@@ -152,8 +152,6 @@ class RolloutBuffer:
         obs: BatchObs,
         action: torch.Tensor,
         logp: torch.Tensor,
-        value: torch.Tensor,
-        cost_value: torch.Tensor | None,
         step: BatchStep,
     ) -> None:
         if self.t >= self.length:
@@ -165,17 +163,13 @@ class RolloutBuffer:
         d.active[t] = obs.active
         d.action[t] = action
         d.logp[t] = logp
-        d.value[t] = value
         d.reward[t] = step.reward
         d.terminated[t] = step.terminated
         d.done[t] = step.terminated | step.truncated
         d.next_obs[t] = step.final.obs
         d.next_state[t] = step.final.state
-        if d.cost is not None and d.cost_value is not None:  # allocated together (with_cost)
-            if cost_value is None:
-                raise ValueError("RolloutBuffer.add: this buffer stores costs, so cost_value must be given")
+        if d.cost is not None:
             d.cost[t] = step.cost if step.cost is not None else 0.0
-            d.cost_value[t] = cost_value
         self.t += 1
 
     @property
@@ -205,7 +199,8 @@ class OnPolicyBatch:
     mask: torch.Tensor
     """``active`` as 0/1 floats (the weights of every per-agent mean)."""
     value_old: torch.Tensor
-    """Critic predictions at collection time, in its training units (the centre of value clipping)."""
+    """Critic predictions at the rollout's states before this update (the weights it was collected with), in its
+    training units (the centre of value clipping)."""
     ret: torch.Tensor
     """GAE returns ``A + V`` in reward units (the critics' targets)."""
     adv: torch.Tensor

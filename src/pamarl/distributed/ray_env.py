@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from pamarl.distributed.pool import RayPool, WorkerDied, WorkerRestarted
-from pamarl.envs.base import EnvSpec
+from pamarl.envs.base import BatchObs, BatchStep, EnvSpec
 from pamarl.envs.procs import split
-from pamarl.envs.vector import EnvFn, EnvGroup, VectorEnv
+from pamarl.envs.vector import OBS_KEYS, EnvFn, EnvGroup, VectorEnv
 
 
 class EnvWorker(EnvGroup):
@@ -101,6 +101,41 @@ class RayVectorEnv(VectorEnv):
         return {"next": obs, "final": last, "reward": np.zeros((n, n_agents), np.float32),
                 "cost": np.zeros((n, n_agents), np.float32) if self.spec.has_cost else None,
                 "terminated": np.zeros(n, bool), "truncated": np.ones(n, bool), "episodes": []}
+
+    @staticmethod
+    def _to_obs(d: dict[str, np.ndarray]) -> BatchObs:
+        import torch
+
+        return BatchObs(
+            obs=torch.from_numpy(np.ascontiguousarray(d["obs"], dtype=np.float32)),
+            state=torch.from_numpy(np.ascontiguousarray(d["state"], dtype=np.float32)),
+            action_mask=torch.from_numpy(np.ascontiguousarray(d["action_mask"], dtype=bool)),
+            active=torch.from_numpy(np.ascontiguousarray(d["active"], dtype=bool)),
+            first=torch.from_numpy(np.ascontiguousarray(d["first"], dtype=bool)),
+        )
+
+    def reset(self, seed: int | None = None) -> BatchObs:
+        seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
+        parts = self._broadcast("reset", [seeds[sl] for sl in self._slices])
+        return self._to_obs({k: np.concatenate([p[k] for p in parts]) for k in OBS_KEYS})
+
+    def step(self, actions: Any) -> BatchStep:
+        import torch
+
+        acts = actions.detach().cpu().numpy() if isinstance(actions, torch.Tensor) else np.asarray(actions)
+        if acts.shape[0] != self.num_envs:
+            raise ValueError(f"step: expected actions for {self.num_envs} envs, got shape {tuple(acts.shape)}")
+        parts = self._broadcast("step", [acts[sl] for sl in self._slices])
+        cat = {k: np.concatenate([p[k] for p in parts]) for k in ("reward", "terminated", "truncated")}
+        return BatchStep(
+            next=self._to_obs({k: np.concatenate([p["next"][k] for p in parts]) for k in OBS_KEYS}),
+            final=self._to_obs({k: np.concatenate([p["final"][k] for p in parts]) for k in OBS_KEYS}),
+            reward=torch.from_numpy(cat["reward"]),
+            cost=None if parts[0]["cost"] is None else torch.from_numpy(np.concatenate([p["cost"] for p in parts])),
+            terminated=torch.from_numpy(cat["terminated"]),
+            truncated=torch.from_numpy(cat["truncated"]),
+            episodes=[e for p in parts for e in p["episodes"]],
+        )
 
     def pids(self) -> list[int]:
         return [int(p) for p in self.pool.call_all("pid")]

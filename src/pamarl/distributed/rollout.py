@@ -2,8 +2,8 @@
 
 Each of the ``W`` workers (:class:`RolloutWorker`) holds its share of the run's ``num_envs`` env copies (the
 same contiguous split as ``env_workers``: copy ``i`` is built and reset with the seeds it has in the
-in-process path) and a copy of the acting policy, the algorithm's own :meth:`act` (actor, critic and cost
-critic: the values are computed at collection time, where the observations are). Once per iteration the
+in-process path) and a copy of the acting policy, the algorithm's own :meth:`act` (the actor: the learner
+evaluates the critics on the whole rollout when it prepares the update). Once per iteration the
 learner (:class:`RolloutCollector`, the runner's collection hook, :mod:`pamarl.collect`) sends every worker the
 current weights in one message (``ray.put`` once, read by every actor); each worker collects its whole part of
 the rollout (``rollout_len`` steps of its copies) and sends it back in one message; the learner feeds the
@@ -58,8 +58,8 @@ from pamarl.validation import check_rollout_workers
 MAX_RESTARTS = 3
 """Times Ray restarts one rollout worker, and times the learner asks a restarted worker again in one iteration."""
 _OBS = ("obs", "state", "action_mask", "active", "first")
-_OUT = ("env_action", "action", "logp", "value", "cost_value")
-POLICY_PARTS = ("actor", "critic", "cost_critic")
+_OUT = ("env_action", "action", "logp")
+POLICY_PARTS = ("actor",)
 """The modules of an :class:`~pamarl.algos.onpolicy.OnPolicyAlgorithm` that its ``act`` reads (every on-policy
 algorithm acts with the base class's ``act``; one that reads more would have to add it here)."""
 
@@ -241,8 +241,7 @@ class RolloutCollector(Collector):
         for t in range(self.rollout_len):
             o = BatchObs(**{k: obs[k][t] for k in _OBS})
             opt = {k: None if v is None else v[t] for k, v in out.items()}
-            a = ActOut(env_action=_required(opt, "env_action"), action=_required(opt, "action"), logp=opt["logp"],
-                       value=opt["value"], cost_value=opt["cost_value"])
+            a = ActOut(env_action=_required(opt, "env_action"), action=_required(opt, "action"), logp=opt["logp"])
             episodes = [e for p in parts for e in p["episodes"][t]]
             st = BatchStep(next=BatchObs(**{k: obs[k][t + 1] for k in _OBS}),
                            final=BatchObs(**{k: final[k][t] for k in _OBS}), reward=reward[t],

@@ -18,6 +18,7 @@ Two layers:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -131,6 +132,34 @@ class EpisodeStats:
     truncated: bool = False
 
 
+class EpisodeBatch(Sequence[EpisodeStats]):
+    """Episodes that ended together at one step of a batched simulator, kept as a tensor on its device.
+
+    Its length is known without reading the tensor; the first read of an item copies the returns to the
+    host once and builds the :class:`EpisodeStats`. A GPU simulator thus pays no host round trip per step:
+    the collector reads the episodes of a whole rollout after it (:class:`pamarl.collect.EnvCollector`).
+    """
+
+    def __init__(self, agent_returns: Any, length: int, truncated: bool):
+        self._returns = agent_returns  # [K, N] tensor
+        self._length = length
+        self._truncated = truncated
+        self._items: list[EpisodeStats] | None = None
+
+    def __len__(self) -> int:
+        return int(self._returns.shape[0])
+
+    def _read(self) -> list[EpisodeStats]:
+        if self._items is None:
+            rets = self._returns.tolist()
+            self._items = [EpisodeStats(team_return=sum(r), agent_returns=r, length=self._length,
+                                        truncated=self._truncated) for r in rets]
+        return self._items
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._read()[i]
+
+
 @dataclass
 class EnvStep:
     """What one single-copy step returns (numpy; see :class:`MultiAgentEnv`)."""
@@ -207,7 +236,8 @@ class BatchStep:
     cost: torch.Tensor | None  # [E, N]
     terminated: torch.Tensor  # [E] bool
     truncated: torch.Tensor  # [E] bool
-    episodes: list[EpisodeStats] = field(default_factory=list)
+    episodes: Sequence[EpisodeStats] = field(default_factory=list)
+    """The episodes that ended at this step (a list, or an :class:`EpisodeBatch` read lazily)."""
 
 
 class BatchedEnv(ABC):

@@ -20,12 +20,13 @@ from one torch generator seeded by ``reset(seed)`` rather than one numpy stream 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from pamarl.envs.base import BatchedEnv, BatchObs, BatchStep, EnvSpec, EpisodeStats
+from pamarl.envs.base import BatchedEnv, BatchObs, BatchStep, EnvSpec, EpisodeBatch, EpisodeStats
 from pamarl.envs.mpe import TASKS as MPE_TASKS
 from pamarl.envs.registry import EnvFamily, register_family
 from pamarl.errors import UsageError
@@ -438,10 +439,10 @@ class MPETorch(BatchedEnv):
         self._groups = sc.observe(self)
         final = self._pack(self._groups)
         done = self.t >= self.max_cycles
-        episodes: list[EpisodeStats] = []
+        episodes: Sequence[EpisodeStats] = []
         if done:
-            rets = self._ret.T.tolist()
-            episodes = [EpisodeStats(team_return=sum(r), agent_returns=r, length=self.t, truncated=True) for r in rets]
+            # On the device, read when the collector reads the rollout's episodes (no host round trip per step).
+            episodes = EpisodeBatch(self._ret.T.clone(), self.t, truncated=True)
             nxt = self.reset()
         else:
             nxt = final

@@ -23,9 +23,15 @@ from pamarl.errors import UsageError
 Handlers = dict[str, Callable[[Any], Any]]
 
 
-def serve(conn: Connection, build: Callable[[], tuple[Any, Handlers, Callable[[], None]]]) -> None:
-    """The worker's loop: ``build()`` -> (hello, command handlers, close); then answer requests until ``close``."""
+def serve(conn: Connection, build: Callable[[], tuple[Any, Handlers, Callable[[], None]]], spin_s: float = 0.0) -> None:
+    """The worker's loop: ``build()`` -> (hello, command handlers, close); then answer requests until ``close``.
+
+    ``spin_s > 0``: after each answer, poll for the next request for up to that long before sleeping in the kernel.
+    Waking a sleeping process costs tens of microseconds (more in VMs), per step and per worker; a worker that
+    is asked again within ``spin_s`` (the next env step) skips it, and one that is not (an update) stops spinning.
+    """
     import signal
+    import time
 
     # Ctrl-C reaches the whole process group: the parent decides when to stop (after writing a
     # checkpoint) and closes the workers; a worker dying on its own would only lose that checkpoint.
@@ -38,6 +44,10 @@ def serve(conn: Connection, build: Callable[[], tuple[Any, Handlers, Callable[[]
         return
     conn.send(("ok", hello))
     while True:
+        if spin_s > 0:
+            until = time.perf_counter() + spin_s
+            while not conn.poll() and time.perf_counter() < until:
+                pass
         try:
             cmd, arg = conn.recv()
         except EOFError:
@@ -63,13 +73,13 @@ class WorkerProcs:
     """``W`` spawned workers, worker ``w`` holding copies ``slices[w]`` of the ``E`` copies.
 
     ``target(conn, *args_of(slices[w]))`` runs in worker ``w`` and calls :func:`serve`; ``hellos`` are the
-    workers' first answers.
+    workers' first answers. ``slices`` (default: ``W`` near-equal ones) may leave copies to the caller.
     """
 
     def __init__(self, target: Callable[..., None], num_envs: int, workers: int,
-                 args_of: Callable[[slice], tuple[Any, ...]], what: str):
+                 args_of: Callable[[slice], tuple[Any, ...]], what: str, slices: Sequence[slice] | None = None):
         self.what = what
-        self.slices = split(num_envs, workers)
+        self.slices = list(slices) if slices is not None else split(num_envs, workers)
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
         self._closed = False
@@ -98,11 +108,23 @@ class WorkerProcs:
             raise RuntimeError(f"{self.what} worker failed: {payload}")
         return payload
 
-    def broadcast(self, cmd: str, args: Sequence[Any]) -> list[Any]:
-        """Send ``(cmd, args[w])`` to every worker (they work in parallel), then collect the answers in order."""
+    def post(self, cmd: str, args: Sequence[Any]) -> None:
+        """Send ``(cmd, args[w])`` to every worker; they (and the caller) work until :meth:`collect`."""
         for conn, a in zip(self._conns, args):
             conn.send((cmd, a))
+
+    def collect(self, spin: bool = False) -> list[Any]:
+        """The answers to the last :meth:`post`, in worker order; ``spin``: poll for them rather than sleep."""
+        if spin:
+            for c in self._conns:
+                while not c.poll():
+                    pass
         return [self._recv(c) for c in self._conns]
+
+    def broadcast(self, cmd: str, args: Sequence[Any]) -> list[Any]:
+        """:meth:`post` then :meth:`collect`."""
+        self.post(cmd, args)
+        return self.collect()
 
     def ask(self, w: int, cmd: str, arg: Any) -> Any:
         """One request to worker ``w``."""

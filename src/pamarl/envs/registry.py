@@ -224,6 +224,7 @@ def make_env(
     seed: int | None = None,
     device: str = "cpu",
     backend: str = "local",
+    inline: bool = False,
     **overrides: Any,
 ) -> BatchedEnv:
     """Build ``num_envs`` copies of the task ``env_id`` as one :class:`BatchedEnv`.
@@ -234,6 +235,8 @@ def make_env(
         workers: 0 steps the copies in this process; ``W > 0`` in ``W`` subprocesses (``backend="local"``)
             or ``W`` Ray actors (``backend="ray"``, :mod:`pamarl.distributed.ray_env`).
         seed: construction seed (copies are re-seeded on ``reset(seed)``).
+        inline: with ``W > 0`` local workers, this process steps a share of the copies too (``W + 1`` shares),
+            in parallel with the workers, instead of waiting for them.
         overrides: extra env parameters, merged over the id's query parameters.
     """
     if num_envs < 1:
@@ -241,6 +244,9 @@ def make_env(
     fam, task, params = resolve(env_id)
     params = {**params, **overrides}
     if fam.make_batched is not None:
+        if inline and workers > 0:
+            raise UsageError(f"env {env_id}: env_inline is for families stepped copy by copy (mpe/, mamujoco/, "
+                             f"pettingzoo/...); {fam.name}/ steps its copies as one batch: set env_inline=false")
         if fam.batched_workers and workers > 0:
             if backend != "local":
                 raise UsageError(f"env {env_id}: its subprocess workers are local only; set env_backend=local")
@@ -257,10 +263,9 @@ def make_env(
     ]
     if backend not in ("local", "ray"):
         raise UsageError(f"env_backend must be 'local' or 'ray', got {backend!r}")
-    if workers > 0:
-        fns[0]().close()  # fail fast here on a bad parameter, with a clear message, before spawning
-        if backend == "ray":
-            from pamarl.distributed.ray_env import RayVectorEnv
+    if workers > 0 and backend == "ray":
+        fns[0]().close()  # fail fast here on a bad parameter, with a clear message, before starting actors
+        from pamarl.distributed.ray_env import RayVectorEnv
 
-            return RayVectorEnv(fns, workers=workers)
-    return VectorEnv(fns, workers=workers)
+        return RayVectorEnv(fns, workers=workers)
+    return VectorEnv(fns, workers=workers, inline=inline)

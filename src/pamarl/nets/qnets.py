@@ -8,7 +8,6 @@ one batched product, keeps each agent's weights as separate parameters (one netw
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
 
 import torch
 from torch import nn
@@ -41,8 +40,8 @@ class AgentGRUCell(nn.Module):
         self.hidden = hidden
         self.n_agents = n_agents
         self.shared = shared
-        self.ih = AgentMLP(n_agents, in_dim, 3 * hidden, hidden=(), shared=shared)
-        self.hh = AgentMLP(n_agents, hidden, 3 * hidden, hidden=(), shared=shared)
+        self.ih = AgentMLP(n_agents, in_dim, 3 * hidden, hidden=(), shared=shared, stacked=True)
+        self.hh = AgentMLP(n_agents, hidden, 3 * hidden, hidden=(), shared=shared, stacked=True)
 
     def agent_parameters(self, i: int) -> list[nn.Parameter]:
         return self.ih.agent_parameters(i) + self.hh.agent_parameters(i)
@@ -53,9 +52,7 @@ class AgentGRUCell(nn.Module):
 
     def recurrent_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_h. [N, H, 3H]`` and ``b_h. [N, 1, 3H]`` for :meth:`recur`."""
-        layers = [cast(nn.Linear, cast(nn.ModuleList, net.layers)[0]) for net in self.hh.nets]
-        w = torch.stack([la.weight for la in layers]).transpose(1, 2)
-        b = torch.stack([la.bias for la in layers]).unsqueeze(1)
+        w, b = self.hh.layer_stacks()[0]
         if self.shared:
             w, b = w.expand(self.n_agents, -1, -1), b.expand(self.n_agents, -1, -1)
         return w, b
@@ -92,11 +89,12 @@ class AgentQNet(nn.Module):
         self.rnn = rnn
         self.rnn_hidden = rnn_hidden
         if rnn:
-            self.fc1 = AgentMLP(n_agents, obs_dim, rnn_hidden, hidden=(), shared=shared, agent_id=agent_id)
+            self.fc1 = AgentMLP(n_agents, obs_dim, rnn_hidden, hidden=(), shared=shared, agent_id=agent_id,
+                                stacked=True)
             self.gru = AgentGRUCell(n_agents, rnn_hidden, rnn_hidden, shared)
-            self.fc2 = AgentMLP(n_agents, rnn_hidden, n_actions, hidden=(), shared=shared)
+            self.fc2 = AgentMLP(n_agents, rnn_hidden, n_actions, hidden=(), shared=shared, stacked=True)
         else:
-            self.mlp = AgentMLP(n_agents, obs_dim, n_actions, hidden, activation, shared, agent_id)
+            self.mlp = AgentMLP(n_agents, obs_dim, n_actions, hidden, activation, shared, agent_id, stacked=True)
 
     def init_hidden(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
         return torch.zeros(batch, self.n_agents, self.rnn_hidden, device=device) if self.rnn else None
@@ -145,7 +143,7 @@ class DeterministicActor(nn.Module):
         self.n_agents = spec.n_agents
         self.act_dim = spec.act_dim
         self.body = AgentMLP(spec.n_agents, spec.obs_dim, spec.act_dim, hidden, activation, shared, agent_id,
-                             out_gain=0.01)
+                             out_gain=0.01, stacked=True)
         low, high = spec.padded_bounds()
         self.register_buffer("dim_mask", torch.as_tensor(spec.action_dim_mask(), dtype=torch.float32))
         self.register_buffer("low", torch.as_tensor(low))
