@@ -1,4 +1,5 @@
-"""MAgent2 battles: the batched per-team wrapper, deaths, opponents, sides; MF-Q and IL beat a random team."""
+"""MAgent2 battles: the batched per-team wrapper, deaths, opponents, sides; MF-Q, IL, MF-AC and AC beat a random team;
+`pamarl battle` (pooled runs, presets)."""
 
 from __future__ import annotations
 
