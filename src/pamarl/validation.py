@@ -256,6 +256,8 @@ RULES: dict[str, Rule] = {
     "critic_replay": nonneg(int, resume=True),
     "critic_updates": nonneg(int, resume=True),
     "critic_batch": positive(int, resume=True),
+    "actor_grad": Rule(str, choices=("sampled", "all_actions"), resume=True),
+    "actor_replay": Rule(bool, resume=True),
     # DQN with parameter averaging
     "n_learners": positive(int, resume="each learner's networks, optimiser and replay are in the checkpoint"),
     "sync_every": positive(int, resume=True),
