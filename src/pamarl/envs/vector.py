@@ -27,7 +27,9 @@ from pamarl.envs.procs import Handlers, WorkerProcs, serve, split
 
 EnvFn = Callable[[], MultiAgentEnv]
 SPIN_S = 0.002
-"""How long an env worker polls for the next step before sleeping (see :func:`pamarl.envs.procs.serve`)."""
+"""With ``inline``: how long an env worker polls for the next step before sleeping (see
+:func:`pamarl.envs.procs.serve`). Without it the workers sleep at once: when they hold every core, a polling
+worker would take the learner's core while it acts."""
 OBS_KEYS = ("obs", "state", "action_mask", "active", "first")
 
 
@@ -198,13 +200,13 @@ class EnvGroup:
 
 
 def _worker(conn: Connection, env_fns: Sequence[EnvFn], spec: EnvSpec, num_envs: int, buffer: Any,
-            rows: slice) -> None:
+            rows: slice, spin_s: float) -> None:
     def build() -> tuple[Any, Handlers, Callable[[], None]]:
         group = EnvGroup(env_fns, StepTable(spec, num_envs, buffer), rows)
         return group.env_spec, {"step": lambda _: group.step_rows(), "reset": group.reset_rows,
                             "render": group.render}, group.close
 
-    serve(conn, build, spin_s=SPIN_S)
+    serve(conn, build, spin_s=spin_s)
 
 
 class VectorEnv(BatchedEnv):
@@ -240,8 +242,9 @@ class VectorEnv(BatchedEnv):
         if inline:  # this process steps the first share
             self._group = EnvGroup(env_fns[shares[0]], self.table, shares[0])
             shares = shares[1:]
+        spin = SPIN_S if inline else 0.0
         self._procs = WorkerProcs(_worker, E, self.workers,
-                                  lambda sl: (list(env_fns[sl]), self.spec, E, buffer, sl), "environment",
+                                  lambda sl: (list(env_fns[sl]), self.spec, E, buffer, sl, spin), "environment",
                                   slices=shares)
         self._slices = self._procs.slices
 
