@@ -147,6 +147,15 @@ def test_agent_replay_ring_and_memory() -> None:
 
 
 # ---------------------------------------------------------------------- the algorithms
+def _batch(seed: int) -> dict[str, torch.Tensor]:
+    """Four fixed transitions of two-action agents with 3-d observations (one terminal), as the replay samples them."""
+    g = torch.Generator().manual_seed(seed)
+    return {"obs": torch.randn(4, 3, generator=g), "next_obs": torch.randn(4, 3, generator=g),
+            "action": torch.tensor([0, 1, 1, 0]), "reward": torch.tensor([1.0, 0.0, -1.0, 0.5]),
+            "done": torch.tensor([0.0, 1.0, 0.0, 0.0]), "mean": torch.tensor([[0.5, 0.5]] * 4),
+            "next_mean": torch.tensor([[1.0, 0.0]] * 4), "next_mask": torch.ones(4, 2, dtype=torch.bool)}
+
+
 def _mfq(spec: EnvSpec, **kw: object) -> MFQ:
     cfg = build(MFQConfig, {"hidden": [8], "embed": 8, "mean_embed": 4, **kw}, "mfq")
     return MFQ(spec, cfg, TrainConfig(algo="mfq", num_envs=1, seed=0), torch.device("cpu"))
@@ -158,11 +167,7 @@ def test_mfq_train_step_is_the_mean_field_td_loss_then_a_soft_update() -> None:
     with torch.no_grad():
         for p in algo.target_qnet.parameters():
             p.add_(0.3)  # make target and online networks differ
-    g = torch.Generator().manual_seed(1)
-    b = {"obs": torch.randn(4, 3, generator=g), "next_obs": torch.randn(4, 3, generator=g),
-         "action": torch.tensor([0, 1, 1, 0]), "reward": torch.tensor([1.0, 0.0, -1.0, 0.5]),
-         "done": torch.tensor([0.0, 1.0, 0.0, 0.0]), "mean": torch.tensor([[0.5, 0.5]] * 4),
-         "next_mean": torch.tensor([[1.0, 0.0]] * 4), "next_mask": torch.ones(4, 2, dtype=torch.bool)}
+    b = _batch(seed=1)
     with torch.no_grad():
         q = algo.qnet(b["obs"], b["mean"])[torch.arange(4), b["action"]]
         qt = algo.target_qnet(b["next_obs"], b["next_mean"])
@@ -262,11 +267,7 @@ def test_mfac_critic_loss_and_replayed_critic_steps() -> None:
     cfg = build(MFACConfig, {"hidden": [8], "embed": 8, "mean_embed": 4, "gamma": 0.9, "critic_replay": 64,
                              "critic_updates": 3, "critic_batch": 4}, "mfac")
     algo = MFAC(spec, cfg, TrainConfig(algo="mfac", num_envs=1, rollout_len=2, seed=0), torch.device("cpu"))
-    g = torch.Generator().manual_seed(2)
-    b = {"obs": torch.randn(4, 3, generator=g), "next_obs": torch.randn(4, 3, generator=g),
-         "action": torch.tensor([0, 1, 1, 0]), "reward": torch.tensor([1.0, 0.0, -1.0, 0.5]),
-         "done": torch.tensor([0.0, 1.0, 0.0, 0.0]), "mean": torch.tensor([[0.5, 0.5]] * 4),
-         "next_mean": torch.tensor([[1.0, 0.0]] * 4), "next_mask": torch.ones(4, 2, dtype=torch.bool)}
+    b = _batch(seed=2)
     with torch.no_grad():
         q = algo.critic(b["obs"], b["mean"])[torch.arange(4), b["action"]]
         pi = torch.softmax(algo.actor(b["next_obs"]), -1)
