@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from pamarl.algos.base import ActOut, Algorithm, LearnerConfig, Metrics, Progress
-from pamarl.algos.common import adam
+from pamarl.algos.common import adam, optimizer_step
 from pamarl.algos.meanfield import MeanActionTracker, MeanFieldNetConfig, agent_rows, mf_target, mf_value
 from pamarl.algos.registry import register
 from pamarl.buffers.agent_replay import AgentReplay
@@ -157,15 +157,18 @@ class MFAC(Algorithm):
         if self.tracker is not None:
             self.tracker.reset()
 
+    @torch.no_grad()
+    def td_target(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``y = r + gamma (1 - done) sum_a' pi(a' | o') Q(o', a', mean_a')`` (eqs. 9-11 with the current actor
+        as the policy of v^MF); actions masked at ``o'`` get no probability."""
+        nl = self.actor(b["next_obs"]).masked_fill(~b["next_mask"], -1e9)
+        v_next = mf_value(torch.softmax(nl, -1), self.critic(b["next_obs"], b["next_mean"]))
+        return mf_target(b["reward"], b["done"], v_next, self.cfg.gamma)
+
     def critic_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The critic's TD loss alone, ``(Q(o, a, mean_a) - y)^2`` with ``y`` as in :meth:`losses` (eqs. 9-11
-        with the current actor as the policy of v^MF)."""
+        """The critic's TD loss alone, ``(Q(o, a, mean_a) - y)^2`` (:meth:`td_target`)."""
         q = self.critic(b["obs"], b["mean"]).gather(-1, b["action"].unsqueeze(-1)).squeeze(-1)
-        with torch.no_grad():
-            nl = self.actor(b["next_obs"]).masked_fill(~b["next_mask"], -1e9)
-            v_next = mf_value(torch.softmax(nl, -1), self.critic(b["next_obs"], b["next_mean"]))
-            y = mf_target(b["reward"], b["done"], v_next, self.cfg.gamma)
-        return (q - y).pow(2).mean()
+        return (q - self.td_target(b)).pow(2).mean()
 
     def losses(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Joint loss ``actor + value_coef * critic`` (means over the rows of ``b``)."""
@@ -174,10 +177,8 @@ class MFAC(Algorithm):
         pi = logp_all.exp()
         q_all = self.critic(b["obs"], b["mean"])
         q = q_all.gather(-1, b["action"].unsqueeze(-1)).squeeze(-1)
+        y = self.td_target(b)
         with torch.no_grad():
-            nl = self.actor(b["next_obs"]).masked_fill(~b["next_mask"], -1e9)
-            v_next = mf_value(torch.softmax(nl, -1), self.critic(b["next_obs"], b["next_mean"]))
-            y = mf_target(b["reward"], b["done"], v_next, self.cfg.gamma)
             adv_all = q_all.detach() - mf_value(pi.detach(), q_all.detach()).unsqueeze(-1)
         critic_loss = (q - y).pow(2).mean()
         entropy = -(pi * logp_all).sum(-1).mean()
@@ -202,13 +203,7 @@ class MFAC(Algorithm):
         for _ in range(self.cfg.critic_updates):
             rb = self.replay.sample(self.cfg.critic_batch, self.generator)
             loss = self.losses(rb)[0] if self.cfg.actor_replay else self.critic_loss(rb)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{self.name} replayed loss became NaN/inf; lower lr and restart")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-            self.opt.step()
+            optimizer_step(self.opt, loss, params, self.cfg.max_grad_norm, f"{self.name}'s replayed loss")
             total += float(loss.detach())
         return total / self.cfg.critic_updates
 
