@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from pamarl.algos.base import Algorithm, Progress
+from pamarl.allocator import keep_freed_memory
 from pamarl.algos.registry import get_algorithm
 from pamarl.checkpoint import load_checkpoint, save_checkpoint
 from pamarl.collect import Collector, make_collector
@@ -283,6 +284,7 @@ def train(run: TrainConfig, algo_cfg: Any = None, resume: bool = False, checkpoi
 def _train_locked(run: TrainConfig, algo_cfg: Any, resume: bool, checkpoint: str | None,
                   quiet: bool) -> TrainResult:
     torch.set_num_threads(max(1, run.torch_threads))
+    keep_freed_memory()  # no page faults on the learner's activations (pamarl.allocator)
     _seed_everything(run.seed)
     run_dir = Path(str(run.run_dir))
     ckpt_dir = run_dir / "checkpoints"

@@ -101,6 +101,7 @@ class AgentMLP(nn.Module):
         self.n_layers = len(hidden) + 1
         self._params: list[nn.Parameter] | None = None
         self._eps = 1e-5  # nn.LayerNorm's default, the eps of every norm built here
+        self._ones: dict[int, torch.Tensor] = {}  # the constant LayerNorm weight of :meth:`_normalise`, per width
         self.loop_rows = 4096
         """Batches of at least this many rows go through one 2-D product per agent (see :meth:`forward`)."""
         self._cache: dict[tuple[int, ...], tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
@@ -324,8 +325,18 @@ class AgentMLP(nn.Module):
         return self._stacks(list(range(len(self.nets))))
 
     def _normalise(self, h: torch.Tensor) -> torch.Tensor:
-        """LayerNorm without affine (the affine is folded into the next layer, :meth:`_stacks`)."""
-        return nn.functional.layer_norm(h, h.shape[-1:], eps=self._eps)
+        """LayerNorm without affine (the affine is folded into the next layer, :meth:`_stacks`).
+
+        It is called with a constant weight of ones: ATen's CPU kernel without a weight takes a path
+        about 1.8x slower (forward on [1600, 128]: 94 us against 51 us, 2 threads, measured), and
+        multiplying by 1 changes nothing. The ones are a plain tensor, not a parameter, so nothing
+        is learned or saved for them.
+        """
+        d = h.shape[-1]
+        one = self._ones.get(d)
+        if one is None or one.device != h.device or one.dtype != h.dtype:
+            one = self._ones[d] = torch.ones(d, device=h.device, dtype=h.dtype)
+        return nn.functional.layer_norm(h, (d,), one, eps=self._eps)
 
     def forward(self, x: torch.Tensor, agents: Sequence[int] | None = None) -> torch.Tensor:
         """``x``: ``[..., k, in]`` for the ``k`` agents in ``agents`` (default: all) -> ``[..., k, out]``."""
