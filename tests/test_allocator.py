@@ -10,6 +10,7 @@ import pytest
 
 from pamarl.allocator import keep_freed_memory
 
+
 def _is_glibc() -> bool:
     try:
         return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
@@ -17,7 +18,8 @@ def _is_glibc() -> bool:
         return False
 
 
-glibc = pytest.mark.skipif(not _is_glibc(), reason="the allocator settings are glibc's (mallopt); other C libraries are left alone")
+glibc = pytest.mark.skipif(not _is_glibc(),
+                           reason="the allocator settings are glibc's (mallopt); other C libraries are left alone")
 
 # A learner's gradient steps (an MLP with LayerNorms on 1,600 rows, forward, backward, Adam), counting
 # the page faults of the steps after the first few.

@@ -33,8 +33,8 @@ import torch
 import yaml
 
 from pamarl.algos.base import Algorithm, Progress
-from pamarl.allocator import keep_freed_memory
 from pamarl.algos.registry import get_algorithm
+from pamarl.allocator import keep_freed_memory
 from pamarl.checkpoint import load_checkpoint, save_checkpoint
 from pamarl.collect import Collector, make_collector
 from pamarl.config import TrainConfig, build, load_preset, load_yaml, split_keys, to_dict
