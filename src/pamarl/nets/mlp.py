@@ -396,7 +396,7 @@ class AgentMLP(nn.Module):
         for j, (w, b) in enumerate(layers):
             h = torch.addmm(b, h, w) if h.dim() == 2 else torch.baddbmm(b, h, w)
             if j < self.n_layers - 1:
-                h = self.act(h)
+                h = self._act_(h)  # in place on the product's fresh output: one activation buffer less per layer
                 if self.layer_norm:
                     h = self._normalise(h)
         return h
