@@ -195,7 +195,7 @@ class AgentMLP(nn.Module):
         """
         def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
             net = self._net(i)
-            layers = []
+            layers: list[tuple[torch.Tensor, torch.Tensor]] = []
             for j in range(self.n_layers):
                 lin, norm = net.linear(j), self._norm_before(i, j)
                 if norm is None:
