@@ -54,11 +54,17 @@ def clip_and_step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter], ma
 
 
 def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Iterable[nn.Parameter],
-                   max_norm: float, what: str) -> torch.Tensor:
-    """Check ``loss`` is finite, backpropagate it, clip and step ``opt``; returns the gradient norm."""
+                   max_norm: float, what: str, backward: Callable[[], object] | None = None) -> torch.Tensor:
+    """Check ``loss`` is finite, backpropagate it, clip and step ``opt``; returns the gradient norm.
+
+    ``backward``: what fills the gradients instead of ``loss.backward()`` (a hand-written backward,
+    :mod:`pamarl.nets.manual`); ``loss`` is then only checked."""
     check_finite(loss, what)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if backward is None:
+        loss.backward()
+    else:
+        backward()
     return clip_and_step(opt, params, max_norm)
 
 
