@@ -82,9 +82,9 @@ def test_only_relu_stacked_networks_qualify() -> None:
 def spec(discrete: bool, n: int = 3) -> EnvSpec:
     kw: dict[str, Any] = {}
     if not discrete:
-        kw = {"action_low": ((0.0,) * 2,) * n, "action_high": ((2.0,) * 2,) * n}
+        kw = {"action_low": ((0.0,) * 3,) * n, "action_high": ((2.0,) * 3,) * n}
     return EnvSpec(agent_ids=tuple(f"a{i}" for i in range(n)), obs_dims=(5,) * n, state_dim=6,
-                   action_kind="discrete" if discrete else "continuous", action_dims=(2,) * n, episode_limit=5, **kw)
+                   action_kind="discrete" if discrete else "continuous", action_dims=(3,) * n, episode_limit=5, **kw)
 
 
 def batch(sp: EnvSpec, B: int, seed: int) -> TransitionBatch:
@@ -93,9 +93,10 @@ def batch(sp: EnvSpec, B: int, seed: int) -> TransitionBatch:
     action = (torch.randint(0, A, (B, n), generator=g) if sp.discrete
               else torch.rand(B, n, A, generator=g) * 2 - 1)
     active = torch.rand(B, n, generator=g) < 0.8  # some inactive agents: the masks must match too
+    mask = torch.rand(B, n, A, generator=g) < 0.7  # forbidden actions, and rows with none allowed
     return TransitionBatch(
         obs=torch.randn(B, n, sp.obs_dim, generator=g), state=torch.randn(B, sp.state_dim, generator=g),
-        action_mask=torch.ones(B, n, A, dtype=torch.bool), active=active, action=action,
+        action_mask=mask, active=active, action=action,
         reward=torch.randn(B, n, generator=g), terminated=(torch.rand(B, generator=g) < 0.3).float(),
         next_obs=torch.randn(B, n, sp.obs_dim, generator=g), next_state=torch.randn(B, sp.state_dim, generator=g),
         next_action_mask=torch.ones(B, n, A, dtype=torch.bool), next_active=torch.ones(B, n, dtype=torch.bool),
@@ -112,7 +113,8 @@ def make(name: str, sp: EnvSpec, manual_grads: bool, **cfg: Any) -> Any:
     return algo
 
 
-CASES = [("maddpg", True, {}), ("maddpg", False, {}), ("maddpg", True, {"share_params": True}),
+CASES = [("maddpg", True, {"gumbel_tau": 0.7, "actor_reg": 0.05}), ("maddpg", False, {}),
+         ("maddpg", True, {"share_params": True}),
          ("maddpg", True, {"share_params": True, "share_critic": True}), ("haddpg", False, {}),
          ("hatd3", False, {"policy_delay": 2})]
 

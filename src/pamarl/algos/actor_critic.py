@@ -225,12 +225,11 @@ class ActorCriticAlgorithm(OffPolicyAlgorithm):
                           critic_index: int, params: list[nn.Parameter], what: str) -> torch.Tensor:
         """:meth:`sequential_actor_update`'s step of agent ``i`` with hand-written backward passes
         (:mod:`pamarl.nets.manual`): ``dL/dq = -w / sum(w)`` through the frozen critic to agent ``i``'s
-        action, through ``tanh`` (autograd, a few ops) and into the actor's parameters. Returns the loss."""
+        action, through ``tanh`` and into the actor's parameters. Returns the loss."""
         act_i = batch.active[:, [i]].float().unsqueeze(-1)
         pre, actor_tape = manual.forward(self.actor.body, batch.obs[:, [i]], [i])
-        pre.requires_grad_(True)
         a_i = self.actor.squash(pre, [i]) * act_i
-        cand = torch.cat([joint[:, :i], a_i.detach(), joint[:, i + 1:]], 1)
+        cand = torch.cat([joint[:, :i], a_i, joint[:, i + 1:]], 1)
         q, critic_tape = manual.forward(self.critic, self.critic_inputs(x, cand, [critic_index]), [critic_index])
         w = batch.active[:, i].float()
         denom = w.sum().clamp_min(1.0)
@@ -242,8 +241,7 @@ class ActorCriticAlgorithm(OffPolicyAlgorithm):
             d_a = manual.backward(critic_tape, (-w / denom).view(-1, 1, 1), input_grad=True, param_grad=False,
                                   input_cols=cols)  # dL/d a_i [B, 1, A]
             assert d_a is not None
-            (d_pre,) = torch.autograd.grad(a_i, pre, d_a)
-            manual.backward(actor_tape, d_pre)
+            manual.backward(actor_tape, self.actor.squash_backward(pre, d_a * act_i, [i]))
 
         self.step_optimizer(self.actor_opt(i), loss, params, what, backward)
         return loss

@@ -103,6 +103,16 @@ class FusedAdam(torch.optim.Adam):
             [p for g in self.param_groups for p in g["params"] if p.grad is not None])
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``Optimizer.zero_grad``: the learners' ``set_to_none=True`` case as a plain loop, without the
+        profiler record and per-device grouping around it (about 60 us a call, four calls per MADDPG step)."""
+        if not set_to_none:
+            super().zero_grad(False)
+            return
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.grad = None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         for g in self.param_groups:  # a saved group brings its own flags: keep this optimiser fused

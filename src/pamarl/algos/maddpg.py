@@ -30,7 +30,7 @@ from pamarl.algos.registry import register
 from pamarl.buffers.replay import TransitionBatch
 from pamarl.errors import UsageError
 from pamarl.nets import manual
-from pamarl.nets.qnets import gumbel_softmax, masked_logits
+from pamarl.nets.qnets import gumbel_softmax, gumbel_softmax_backward, gumbel_softmax_parts, masked_logits
 
 
 @dataclass
@@ -107,41 +107,52 @@ class MADDPG(ActorCriticAlgorithm):
         clip_and_step_together(self.actor_opts, self.actor_params, cfg.max_grad_norm)
         return {"loss/actor": per_agent.detach().mean()}
 
+    @torch.no_grad()
     def manual_actor_update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """:meth:`actor_update` with hand-written backward passes (:mod:`pamarl.nets.manual`), the same loss.
 
         ``dL/dq_i = -s active_i / sum(active_i)`` (``s`` = 1, or 1/N for a shared actor's mean) goes back
-        through the frozen critics to their inputs; critic ``i``'s gradient at agent ``i``'s action slot is
-        ``dL/d mine_i``; autograd takes it through the Gumbel-softmax or tanh and the penalty (a few ops on
-        ``[B, N, A]``) to the pre-activations, and the actors' backward does the rest.
+        through the frozen critics to their inputs; critic ``i``'s gradient at agent ``i``'s action columns
+        is ``dL/d mine_i``, which goes through the Gumbel-softmax (or tanh) to the logits; add the
+        penalty's ``2 c s pre mask / (B A)`` and the actors' backward does the rest.
         """
         cfg, n, a_dim = self.cfg, self.n, self.spec.act_dim
         active = batch.active.float()
+        act = active.unsqueeze(-1)
         pre, actor_tape = manual.forward(self.actor.body, batch.obs)  # [B, N, A]
-        pre.requires_grad_(True)
+        soft = None
         if self.spec.discrete:
-            mine = gumbel_softmax(masked_logits(pre, batch.action_mask), cfg.gumbel_tau, self.generator)
+            hard, soft = gumbel_softmax_parts(masked_logits(pre, batch.action_mask), cfg.gumbel_tau, self.generator)
+            mine = hard - soft + soft  # the straight-through sample's value, as gumbel_softmax computes it
         else:
             mine = self.actor.squash(pre)
-        mine = mine * active.unsqueeze(-1)
+        mine = mine * act
         replayed = self.encode(batch.action, batch.active)
         eye = torch.eye(n, device=pre.device).unsqueeze(-1)
-        joint = replayed.unsqueeze(1) * (1 - eye) + mine.detach().unsqueeze(1) * eye
+        joint = replayed.unsqueeze(1) * (1 - eye) + mine.unsqueeze(1) * eye
         x = self.critic_x(batch.state, batch.obs)
         q, critic_tape = manual.forward(self.critic, self.critic_inputs(x, joint))
         q = q.squeeze(-1)  # [B, N]
         count = active.sum(0).clamp_min(1.0)
         per_agent = -(q * active).sum(0) / count
-        reg = cfg.actor_reg * (pre.pow(2) * self.actor.dim_mask).mean((0, 2))
+        masked_sq = pre.square() * self.actor.dim_mask
+        reg = cfg.actor_reg * masked_sq.mean((0, 2))
         scale = 1.0 / n if cfg.share_params else 1.0
-        loss = scale * (per_agent + reg.detach()).sum()
+        loss = scale * (per_agent + reg).sum()
         check_finite(loss, "the actor loss")
         # Critic i's input columns of agent i's action, [N, A]: the only input gradient the actors need.
         cols = x.shape[-1] + torch.arange(n * a_dim, device=x.device).view(n, a_dim)
         d_mine = manual.backward(critic_tape, (-scale * active / count).unsqueeze(-1), input_grad=True,
                                  param_grad=False, input_cols=cols)  # [B, N, A]
         assert d_mine is not None
-        (d_pre,) = torch.autograd.grad([mine, scale * reg.sum()], pre, [d_mine, None])
+        d_mine = d_mine * act
+        if soft is not None:
+            # masked_logits passes no gradient to the forbidden actions it overwrote; their soft is exactly 0
+            # (exp of -1e9), so the softmax's Jacobian gives them 0 already.
+            d_pre = gumbel_softmax_backward(soft, d_mine, cfg.gumbel_tau)
+        else:
+            d_pre = self.actor.squash_backward(pre, d_mine)
+        d_pre += pre * self.actor.dim_mask * (2 * scale * cfg.actor_reg / (pre.shape[0] * a_dim))
         for o in self.actor_opts:
             o.zero_grad(set_to_none=True)
         manual.backward(actor_tape, d_pre)
