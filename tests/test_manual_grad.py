@@ -106,8 +106,10 @@ def batch(sp: EnvSpec, B: int, seed: int) -> TransitionBatch:
 def make(name: str, sp: EnvSpec, manual_grads: bool, **cfg: Any) -> Any:
     cls = get_algorithm(name)
     torch.manual_seed(0)  # the networks' initialisation
-    algo = cls(sp, cls.Config(hidden=(16, 16), critic_hidden=(16, 16), **cfg),
-               TrainConfig(algo=name, num_envs=2, seed=3), torch.device("cpu"))
+    if name in ("maddpg", "haddpg", "hatd3"):
+        cfg["critic_hidden"] = (16, 16)
+    algo = cls(sp, cls.Config(hidden=(16, 16), **cfg), TrainConfig(algo=name, num_envs=2, seed=3),
+               torch.device("cpu"))
     assert algo.manual_grads  # relu MLPs: the manual path is the default
     algo.manual_grads = manual_grads
     return algo
@@ -116,13 +118,15 @@ def make(name: str, sp: EnvSpec, manual_grads: bool, **cfg: Any) -> Any:
 CASES = [("maddpg", True, {"gumbel_tau": 0.7, "actor_reg": 0.05}), ("maddpg", False, {}),
          ("maddpg", True, {"share_params": True}),
          ("maddpg", True, {"share_params": True, "share_critic": True}), ("haddpg", False, {}),
-         ("hatd3", False, {"policy_delay": 2})]
+         ("hatd3", False, {"policy_delay": 2}), ("qmix", True, {}), ("qmix", True, {"share_params": True}),
+         ("qmix", True, {"double_q": False}), ("vdn", True, {}), ("iql", True, {"huber_delta": 0.5})]
 
 
 @pytest.mark.parametrize("name,discrete,cfg", CASES)
 def test_learner_steps_match_autograd(name: str, discrete: bool, cfg: dict[str, Any]) -> None:
     """Same losses, gradients, parameters and Adam moments after every step, over a few gradient steps
-    (HATD3's second step runs the delayed sequential actor step, one agent at a time)."""
+    (HATD3's second step runs the delayed sequential actor step, one agent at a time; the value-based
+    learners take their agents' MLPs by hand and the mixer on autograd)."""
     sp = spec(discrete)
     algos = [make(name, sp, flag, **cfg) for flag in (False, True)]
     for a, b in zip(algos[0].state_dict()["nets"].values(), algos[1].state_dict()["nets"].values()):
@@ -137,13 +141,15 @@ def test_learner_steps_match_autograd(name: str, discrete: bool, cfg: dict[str, 
         assert metrics[0].keys() == metrics[1].keys()
         for k, v in metrics[0].items():
             torch.testing.assert_close(metrics[1][k], v, **TOL, msg=k)
-        for key in ("actor", "critic"):
+        for key in ("actor", "critic", "qnet", "mixer"):
+            if key not in algos[0].nets:
+                continue
             for (pn, p), q in zip(algos[0].nets[key].named_parameters(), algos[1].nets[key].parameters()):
                 torch.testing.assert_close(q, p, **TOL, msg=f"step {step}: {key}.{pn}")
                 assert (p.grad is None) == (q.grad is None), pn
                 if p.grad is not None:
                     torch.testing.assert_close(q.grad, p.grad, **TOL, msg=f"step {step}: grad {key}.{pn}")
-    assert "loss/actor" in metrics[0]
+    assert "loss/actor" in metrics[0] or "loss/td" in metrics[0]
     for oa, ob in zip(algos[0].opts.values(), algos[1].opts.values()):
         for sa, sb in zip(oa.state.values(), ob.state.values()):
             for k in sa:
@@ -162,3 +168,9 @@ def test_input_columns(shared: bool) -> None:
     assert full is not None and part is not None
     torch.testing.assert_close(part, torch.stack([full[:, i, cols[i]] for i in range(3)], 1))
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_recurrent_agents_stay_on_autograd() -> None:
+    cls = get_algorithm("qmix")
+    algo = cls(spec(True), cls.Config(rnn=True), TrainConfig(algo="qmix", num_envs=2, seed=3), torch.device("cpu"))
+    assert not algo.manual_grads

@@ -84,7 +84,7 @@ def forward(mlp: AgentMLP, x: torch.Tensor, agents: Sequence[int] | None = None)
 
 @torch.no_grad()
 def backward(tape: Tape, grad_out: torch.Tensor, input_grad: bool = False, param_grad: bool = True,
-             input_cols: torch.Tensor | None = None) -> torch.Tensor | None:
+             input_cols: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor | None:
     """Backpropagate ``grad_out = dL/d out [B, k, out]`` through the network of ``tape``.
 
     With ``param_grad``, adds ``dL/dW`` and ``dL/db`` to the ``.grad`` of the parameters of the networks
@@ -92,16 +92,22 @@ def backward(tape: Tape, grad_out: torch.Tensor, input_grad: bool = False, param
     ``dL/dx [B, k, in]`` (without the agent-id columns); otherwise ``None``. ``input_cols`` (long ``[k, m]``,
     with ``input_grad``): only those input columns of each network, ``[B, k, m]`` -- an actor step needs the
     gradient at one agent's action, a few of the critic's input columns, and this skips the product for the
-    rest.
+    rest. ``rows``: ``grad_out`` covers only the first ``rows`` samples of the forward's batch, the others
+    having zero gradient (QMIX's online values of the successors, which only pick the double-Q action), so
+    their share of the products, zero, is skipped.
     """
     B, k = tape.shape
+    acts = tape.acts
+    if rows is not None and rows != B:  # samples are the last axis in both layouts (b-major rows of one net)
+        B = rows
+        acts = [h[..., :rows * (k if len(tape.nets) == 1 else 1)] for h in acts]
     if len(tape.nets) == 1 and k > 1:
         g = grad_out.reshape(1, B * k, -1).transpose(1, 2)  # [1, out, B k]
     else:
         g = grad_out.permute(1, 2, 0)  # [k, out, B]
     leaves = tape.mlp._bound_leaves() if param_grad else []
     for j in range(len(tape.weights) - 1, -1, -1):
-        h = tape.acts[j]
+        h = acts[j]
         if param_grad:
             _accumulate(leaves[j][0][1], tape.nets, torch.bmm(g, h.transpose(1, 2)))
             _accumulate(leaves[j][1][1], tape.nets, g.sum(-1))
