@@ -16,6 +16,7 @@ from pamarl.buffers.replay import TransitionBatch
 from pamarl.config import TrainConfig
 from pamarl.envs.base import EnvSpec
 from pamarl.nets import manual
+from pamarl.nets.mixers import QMixer
 from pamarl.nets.mlp import AgentMLP
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -112,6 +113,8 @@ def make(name: str, sp: EnvSpec, manual_grads: bool, **cfg: Any) -> Any:
                torch.device("cpu"))
     assert algo.manual_grads  # relu MLPs: the manual path is the default
     algo.manual_grads = manual_grads
+    if isinstance(getattr(algo, "mixer", None), QMixer):
+        algo.mixer.manual = manual_grads
     return algo
 
 
@@ -174,3 +177,27 @@ def test_recurrent_agents_stay_on_autograd() -> None:
     cls = get_algorithm("qmix")
     algo = cls(spec(True), cls.Config(rnn=True), TrainConfig(algo="qmix", num_envs=2, seed=3), torch.device("cpu"))
     assert not algo.manual_grads
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_qmixer_manual_backward_matches_autograd(layers: int) -> None:
+    torch.manual_seed(0)
+    mixer = QMixer(3, 6, embed_dim=8, hypernet_layers=layers, hypernet_embed=10)
+    with torch.no_grad():  # weights of both signs (abs's two branches) and pre-activations of both (elu's)
+        for p in mixer.parameters():
+            p.normal_()
+    qs, state = torch.randn(5, 4, 3), torch.randn(5, 4, 6)
+    g = torch.randn(5, 4)
+    results = []
+    for flag in (False, True):
+        mixer.manual = flag
+        mixer.zero_grad(set_to_none=True)
+        q = qs.clone().requires_grad_(True)
+        out = mixer(q, state)
+        out.backward(g)
+        results.append((out.detach(), q.grad, [p.grad.clone() for p in mixer.parameters()]))
+    (oa, qa, pa), (ob, qb, pb) = results
+    torch.testing.assert_close(ob, oa, **TOL)
+    torch.testing.assert_close(qb, qa, **TOL)
+    for (name, _), a, b in zip(mixer.named_parameters(), pa, pb):
+        torch.testing.assert_close(b, a, **TOL, msg=name)
