@@ -121,7 +121,8 @@ def make(name: str, sp: EnvSpec, manual_grads: bool, **cfg: Any) -> Any:
 CASES = [("maddpg", True, {"gumbel_tau": 0.7, "actor_reg": 0.05}), ("maddpg", False, {}),
          ("maddpg", True, {"share_params": True}),
          ("maddpg", True, {"share_params": True, "share_critic": True}), ("haddpg", False, {}),
-         ("hatd3", False, {"policy_delay": 2}), ("qmix", True, {}), ("qmix", True, {"share_params": True}),
+         ("hatd3", False, {"policy_delay": 2}), ("hatd3", False, {"share_params": True, "policy_delay": 1}),
+         ("qmix", True, {}), ("qmix", True, {"share_params": True}),
          ("qmix", True, {"double_q": False}), ("vdn", True, {}), ("iql", True, {"huber_delta": 0.5})]
 
 
