@@ -25,15 +25,15 @@ def value_loss(new: torch.Tensor, old: torch.Tensor, target: torch.Tensor, mask:
     where ``new == old``, no sample is frozen by the clip.
     """
 
-    def err(e: torch.Tensor) -> torch.Tensor:
+    def err(v: torch.Tensor) -> torch.Tensor:  # of the error target - v (Huber depends on |target - v| only)
         if huber_delta > 0:
-            return nn.functional.huber_loss(e, torch.zeros_like(e), reduction="none", delta=huber_delta)
-        return 0.5 * e.pow(2)
+            return nn.functional.huber_loss(v, target, reduction="none", delta=huber_delta)
+        return 0.5 * (target - v).pow(2)
 
-    loss = err(target - new)
+    loss = err(new)
     if clip > 0:
         clipped = old + (new - old).clamp(-clip, clip)
-        loss = torch.max(loss, err(target - clipped))
+        loss = torch.max(loss, err(clipped))
     return masked_mean(loss, mask)
 
 
@@ -66,8 +66,12 @@ class Critics(nn.Module):
 
     def raw(self, state: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """Critic outputs ``[B, N]`` in its training units (normalised when ``value_norm``)."""
-        out = self.net(self.inputs(state, obs)).squeeze(-1)
+        out = self.outputs(state, obs)
         return out.expand(*out.shape[:-1], self.n_agents) if self.shared else out
+
+    def outputs(self, state: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """The networks' own outputs ``[B, n_out]`` in training units: one column for a shared critic."""
+        return self.net(self.inputs(state, obs)).squeeze(-1)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Reward units ``[B, N]`` -> training units."""

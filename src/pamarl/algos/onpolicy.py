@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from pamarl.algos.base import ActOut, Algorithm, LearnerConfig, Metrics, Progress
-from pamarl.algos.common import check_finite, clip_and_step, fused_adam, masked_mean
+from pamarl.algos.common import check_finite, clip_and_step, fused_adam, masked_mean, mean_weights
 from pamarl.algos.critics import Critics, value_loss
 from pamarl.algos.schedules import Plan, factor_stats, run_schedule, simultaneous
-from pamarl.buffers.rollout import OnPolicyBatch, RolloutBuffer, gae
+from pamarl.buffers.rollout import OnPolicyBatch, RolloutBuffer, gae, rows
 from pamarl.config import TrainConfig
 from pamarl.envs.base import BatchObs, BatchStep, EnvSpec
 from pamarl.errors import UsageError
@@ -266,21 +266,22 @@ class OnPolicyAlgorithm(Algorithm):
                 mb = mine.take(idx)
                 assert mb.policy_adv is not None
                 logp, ent = self.actor.evaluate(mb.obs, mb.action_mask, mb.action, agents)
-                old, m = mb.logp, mb.mask
-                obj, ratio = self.surrogate(logp, old, mb.policy_adv, factor[idx])
-                pol = -masked_mean(obj, m)
-                entropy = masked_mean(ent, m)
+                old = mb.logp
+                w = mean_weights(mb.mask, logp.dtype)  # every per-agent mean below is (x * w).sum(0)
+                obj, ratio = self.surrogate(logp, old, mb.policy_adv, rows(factor, idx))
+                pol = -(obj * w).sum(0)
+                entropy = (ent * w).sum(0)
                 loss = self._reduce(pol - cfg.entropy_coef * entropy)
                 check_finite(loss, f"the policy loss of agents {agents}")
                 self._zero(self.actor_opts, agents)
                 loss.backward()
                 self._clip_and_step(self.actor_opts, self.actor.agent_parameters, agents)
                 with torch.no_grad():
-                    lr_ = logp - old
+                    d = ratio - 1
                     stats["policy"].append(pol.detach())
                     stats["entropy"].append(entropy.detach())
-                    stats["kl"].append(masked_mean(ratio - 1 - lr_, m))  # k3 estimator of KL(old || new)
-                    stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > cfg.clip).float(), m))
+                    stats["kl"].append(((d - (logp - old)) * w).sum(0))  # k3 estimator of KL(old || new)
+                    stats["clipfrac"].append(((d.abs() > cfg.clip) * w).sum(0))
         return self._phase_stats(agents, stats)
 
     def _phase_stats(self, agents: list[int], stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
@@ -302,22 +303,29 @@ class OnPolicyAlgorithm(Algorithm):
     def critic_loss(self, critic: Critics, mb: OnPolicyBatch, target: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """Per-agent (``[N]``) or, for a shared critic, one (``[1]``) value loss on the minibatch ``mb``.
 
-        Targets are normalised with the current statistics; the clip is centred on ``old``, the critic's
-        prediction before this update (evaluated in :meth:`prepare`, with the weights the rollout was collected
-        with), in the same training units.
+        ``target`` is the minibatch's value targets already normalised with the current statistics, and ``old``
+        the critic's prediction before this update (evaluated in :meth:`prepare`, with the weights the rollout
+        was collected with), the centre of the clip; both in training units and with the critic's columns
+        (one for a shared critic, see :meth:`_fit`).
         """
-        new = critic.raw(mb.state, mb.obs)
-        tgt, m = critic.normalize(target), mb.mask
-        if critic.shared:  # one value per sample: its column 0, weighted where any agent is active
-            new, old, tgt, m = new[:, :1], old[:, :1], tgt[:, :1], m.amax(-1, keepdim=True)
-        return value_loss(new, old, tgt, m, self.cfg.value_clip, self.cfg.huber_delta)
+        new, m = critic.outputs(mb.state, mb.obs), mb.mask
+        if critic.shared:  # one value per sample, weighted where any agent is active
+            m = m.amax(-1, keepdim=True)
+        return value_loss(new, old, target, m, self.cfg.value_clip, self.cfg.huber_delta)
 
     def _fit(self, critic: Critics, opts: list[torch.optim.Optimizer], batch: OnPolicyBatch, target: torch.Tensor,
              old: torch.Tensor, what: str) -> torch.Tensor:
-        """``critic_epochs`` passes of minibatch steps on one critic; returns its mean loss per agent."""
+        """``critic_epochs`` passes of minibatch steps on one critic; returns its mean loss per agent.
+
+        ``target`` (reward units) and ``old`` (training units) are ``[B, N]``; a shared critic reads their
+        column 0. The normaliser's statistics are updated once, here, so the targets are normalised once for
+        all the minibatch steps."""
         if critic.norm is not None:
             m = batch.mask.amax(-1, keepdim=True) if critic.shared else batch.mask
             critic.norm.update(target[:, :1] if critic.shared else target, m)
+        if critic.shared:
+            target, old = target[:, :1], old[:, :1]
+        target = critic.normalize(target)
         agents = list(range(self.n))
         losses = []
         shared = len(opts) == 1
@@ -326,7 +334,7 @@ class OnPolicyAlgorithm(Algorithm):
         for _ in range(self.cfg.critic_epochs):
             for idx in self._minibatches():
                 mb = batch.take(idx, keep)
-                per = self.critic_loss(critic, mb, target[idx], old[idx])
+                per = self.critic_loss(critic, mb, rows(target, idx), rows(old, idx))
                 loss = self._reduce(per, shared)
                 check_finite(loss, what)
                 self._zero(opts, agents)

@@ -171,7 +171,11 @@ class AgentMLP(nn.Module):
 
         if torch.is_grad_enabled() or (leaves is not None and not (self.input_norm or self.layer_norm)):
             return build()  # (stacked leaves without norms: the layers are views already, nothing to cache)
-        key = tuple(idx)
+        return self._cached(tuple(idx), build)
+
+    def _cached(self, key: tuple[int, ...], build: Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``build()``'s layers, kept under ``key`` until a parameter changes (its version counter moves)."""
         if self._params is None:  # the Parameter objects never change (.to() and loading write in place)
             self._params = list(self.parameters())
         version = tuple(p._version for p in self._params)
@@ -180,6 +184,27 @@ class AgentMLP(nn.Module):
             cached = (version, [(w.contiguous(), b.contiguous()) for w, b in build()])
             self._cache[key] = cached
         return cached[1]
+
+    def _single(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Network ``i``'s layers as 2-D weights ``[in, out]`` and biases ``[out]``, LayerNorm affines folded in
+        as in :meth:`_stacks` (``W diag g`` and ``W beta + c``).
+
+        For one network (a sequential phase, a shared network, each agent of a large batch) this takes three
+        ops per layer instead of :meth:`_stacks`' stack, select and batched product of one-element stacks,
+        whose autograd nodes were about a third of the ~200 per HAPPO actor step (profiled, 1,600 rows).
+        """
+        def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            net = self._net(i)
+            layers = []
+            for j in range(self.n_layers):
+                lin, norm = net.linear(j), self._norm_before(i, j)
+                if norm is None:
+                    layers.append((lin.weight.t(), lin.bias))
+                else:
+                    layers.append(((lin.weight * norm.weight).t(), torch.addmv(lin.bias, lin.weight, norm.bias)))
+            return layers
+
+        return build() if torch.is_grad_enabled() else self._cached((-1 - i,), build)
 
     # ------------------------------------------------------------------ stacked leaves (stacked=True)
     def _bind(self) -> None:
@@ -351,17 +376,16 @@ class AgentMLP(nn.Module):
         if self.stacked:
             return self._forward_stacked(x.reshape(-1, k, x.shape[-1]), idx).reshape(*lead, k, -1)
         if self.shared or k == 1:  # one network: a plain matrix product over all rows
-            stacks = self._stacks([0 if self.shared else idx[0]])
-            h = self._mlp(x.reshape(-1, x.shape[-1]), [(w[0], b[0, 0]) for w, b in stacks])
+            h = self._mlp(x.reshape(-1, x.shape[-1]), self._single(0 if self.shared else idx[0]))
             return h.reshape(*lead, k, h.shape[-1])
-        stacks = self._stacks(idx)
         xs = x.reshape(-1, k, x.shape[-1])
         if xs.shape[0] >= self.loop_rows:
             # Large batches (updates): one 2-D product per agent on its strided column of the input
             # (gemm reads it in place) and LayerNorms over contiguous [B, d] rows; measured 1.4x faster
             # than the batched product here (no [B, k] <-> [k, B] copies, activations that fit caches).
-            outs = [self._mlp(xs[:, a], [(w[a], b[a, 0]) for w, b in stacks]) for a in range(k)]
+            outs = [self._mlp(xs[:, a], self._single(i)) for a, i in enumerate(idx)]
             return torch.stack(outs, -2).reshape(*lead, k, -1)
+        stacks = self._stacks(idx)
         h = self._mlp(xs.transpose(0, 1), stacks)  # [k, B, in]: one batched product per layer (acting)
         return h.transpose(0, 1).reshape(*lead, k, h.shape[-1])
 
@@ -372,7 +396,7 @@ class AgentMLP(nn.Module):
         for j, (w, b) in enumerate(layers):
             h = torch.addmm(b, h, w) if h.dim() == 2 else torch.baddbmm(b, h, w)
             if j < self.n_layers - 1:
-                h = self.act(h)
+                h = self._act_(h)  # in place on the product's fresh output: one activation buffer less per layer
                 if self.layer_norm:
                     h = self._normalise(h)
         return h
