@@ -90,7 +90,7 @@ class ActorCriticAlgorithm(OffPolicyAlgorithm):
         self.actor_opts = [fused_adam(ps, cfg.lr, cfg.adam_eps) for ps in self.actor_params]
         self.opts = {f"actor_{i}": o for i, o in enumerate(self.actor_opts)}
         self.opts["critic"] = fused_adam(self.critic.parameters(), cfg.critic_lr, cfg.adam_eps)
-        # Hand-written backward passes for relu MLPs (nets.manual; autograd otherwise): a third fewer ops.
+        # Hand-written backward passes for relu MLPs (nets.manual; autograd otherwise): fewer ops per step.
         self.manual_grads = manual.supports(self.critic) and manual.supports(self.actor.body)
 
     def actor_opt(self, i: int) -> torch.optim.Optimizer:
