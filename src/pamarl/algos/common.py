@@ -115,7 +115,8 @@ class FusedAdam(torch.optim.Adam):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``Optimizer.zero_grad``: the learners' ``set_to_none=True`` case as a plain loop, without the
-        profiler record and per-device grouping around it (about 60 us a call, four calls per MADDPG step)."""
+        profiler record and per-device grouping around it (12 us against 2 us a call for 6 parameters, measured;
+        four calls per MADDPG step)."""
         if not set_to_none:
             super().zero_grad(False)
             return
