@@ -249,6 +249,16 @@ def test_presets_load_and_are_overridable(preset, algo):
         build_configs({"algo": algo}, preset="harl")
 
 
+@pytest.mark.parametrize("algo", ["happo", "mappo"])
+def test_mpe_torch_fast_preset(algo):
+    """The measured fast configuration of the batched MPE: 128 x 25, one minibatch, doubled learning rates."""
+    from pamarl.runner import build_configs
+
+    run, cfg = build_configs({"algo": algo, "env": "mpe-torch/simple_spread_v3"}, preset="mpe-torch-fast")
+    assert (run.num_envs, run.rollout_len, run.torch_threads) == (128, 25, 1)
+    assert (cfg.minibatches, cfg.lr, cfg.critic_lr, cfg.epochs) == (1, 1e-3, 1e-3, 5)
+
+
 # ---------------------------------------------------------------------- 5. episode boundaries
 class _VariableLengthEnv:
     """A tiny PettingZoo ParallelEnv whose episodes last 2-6 steps at random (terminated, not truncated)."""
