@@ -296,24 +296,27 @@ def test_hatd3_delays_actor_and_target_updates() -> None:
         assert moved == (step == 2) and t_moved == (step == 2) and ("loss/actor" in m) == (step == 2)
 
 
-def test_sequential_actor_update_uses_earlier_agents_new_actions() -> None:
+@pytest.mark.parametrize("manual_grads", [True, False])
+def test_sequential_actor_update_uses_earlier_agents_new_actions(manual_grads: bool) -> None:
     """HAML's sequential update: agent i_m sees agents i_1..i_{m-1} with their updated policies and the
-    rest with their current ones; the order is the one :func:`schedules.sequential` draws."""
+    rest with their current ones; the order is the one :func:`schedules.sequential` draws. (Both with the
+    hand-written backward passes of :mod:`pamarl.nets.manual` and with autograd.)"""
     from pamarl.algos.schedules import sequential
 
     sp = spec(discrete=False, n=3)
     algo = make("haddpg", sp, hidden=(8,), critic_hidden=(8,), lr=0.05)
+    algo.manual_grads = manual_grads
     b = batch(sp, B=8)
     with torch.no_grad():
         old = algo.actor.squash(algo.actor(b.obs))
     seen: list[torch.Tensor] = []
-    q_values = algo.q_values
+    critic_inputs = algo.critic_inputs
 
-    def spy(critic: Any, x: torch.Tensor, joint: torch.Tensor, *rest: Any) -> torch.Tensor:
+    def spy(x: torch.Tensor, joint: torch.Tensor, *rest: Any) -> torch.Tensor:
         seen.append(joint.detach().clone())
-        return q_values(critic, x, joint, *rest)
+        return critic_inputs(x, joint, *rest)
 
-    algo.q_values = spy  # type: ignore[method-assign]
+    algo.critic_inputs = spy  # type: ignore[method-assign]
     expected_order = sequential(3, torch.Generator().set_state(algo.generator.get_state())).critical
     algo.sequential_actor_update(b)
     assert algo.last_order == expected_order
@@ -371,18 +374,20 @@ def test_clip_and_step_together_matches_one_optimiser_per_agent() -> None:
             for j in range(nets[1].n_layers)]).transpose(0, 1))
 
 
-def test_maddpg_critic_i_sees_own_fresh_action_and_replayed_others() -> None:
+@pytest.mark.parametrize("manual_grads", [True, False])
+def test_maddpg_critic_i_sees_own_fresh_action_and_replayed_others(manual_grads: bool) -> None:
     sp = spec(discrete=True, n=3)
     algo = make("maddpg", sp, hidden=(8,), critic_hidden=(8,))
+    algo.manual_grads = manual_grads
     b = batch(sp, B=4)
     seen: list[torch.Tensor] = []
-    q_values = algo.q_values
+    critic_inputs = algo.critic_inputs
 
-    def spy(critic: Any, x: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
+    def spy(x: torch.Tensor, joint: torch.Tensor, *rest: Any) -> torch.Tensor:
         seen.append(joint.detach().clone())
-        return q_values(critic, x, joint)
+        return critic_inputs(x, joint, *rest)
 
-    algo.q_values = spy  # type: ignore[method-assign]
+    algo.critic_inputs = spy  # type: ignore[method-assign]
     algo.actor_update(b)
     joint = seen[0]  # [B, critic, agent, A]
     replayed = torch.nn.functional.one_hot(b.action, 3).float()

@@ -64,11 +64,17 @@ def clip_and_step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter], ma
 
 
 def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Iterable[nn.Parameter],
-                   max_norm: float, what: str) -> torch.Tensor:
-    """Check ``loss`` is finite, backpropagate it, clip and step ``opt``; returns the gradient norm."""
+                   max_norm: float, what: str, backward: Callable[[], object] | None = None) -> torch.Tensor:
+    """Check ``loss`` is finite, backpropagate it, clip and step ``opt``; returns the gradient norm.
+
+    ``backward``: what fills the gradients instead of ``loss.backward()`` (a hand-written backward,
+    :mod:`pamarl.nets.manual`); ``loss`` is then only checked."""
     check_finite(loss, what)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if backward is None:
+        loss.backward()
+    else:
+        backward()
     return clip_and_step(opt, params, max_norm)
 
 
@@ -106,6 +112,17 @@ class FusedAdam(torch.optim.Adam):
         torch.autograd.graph.increment_version(
             [p for g in self.param_groups for p in g["params"] if p.grad is not None])
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``Optimizer.zero_grad``: the learners' ``set_to_none=True`` case as a plain loop, without the
+        profiler record and per-device grouping around it (12 us against 2 us a call for 6 parameters, measured;
+        four calls per MADDPG step)."""
+        if not set_to_none:
+            super().zero_grad(False)
+            return
+        for g in self.param_groups:
+            for p in g["params"]:
+                p.grad = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

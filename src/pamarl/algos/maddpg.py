@@ -29,7 +29,8 @@ from pamarl.algos.offpolicy import td_target
 from pamarl.algos.registry import register
 from pamarl.buffers.replay import TransitionBatch
 from pamarl.errors import UsageError
-from pamarl.nets.qnets import gumbel_softmax, masked_logits
+from pamarl.nets import manual
+from pamarl.nets.qnets import gumbel_softmax, gumbel_softmax_backward, gumbel_softmax_parts, masked_logits
 
 
 @dataclass
@@ -77,6 +78,8 @@ class MADDPG(ActorCriticAlgorithm):
         """Every actor ascends its own critic at once (eq. 5), in one batched pass."""
         cfg = self.cfg
         active = batch.active.float()
+        if self.manual_grads:
+            return self.manual_actor_update(batch)
         pre = self.actor(batch.obs)  # [B, N, A]
         if self.spec.discrete:
             mine = gumbel_softmax(masked_logits(pre, batch.action_mask), cfg.gumbel_tau, self.generator)
@@ -103,3 +106,55 @@ class MADDPG(ActorCriticAlgorithm):
         # Every actor steps now: per-agent clipping, then one optimiser kernel for all of them.
         clip_and_step_together(self.actor_opts, self.actor_params, cfg.max_grad_norm)
         return {"loss/actor": per_agent.detach().mean()}
+
+    @torch.no_grad()
+    def manual_actor_update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
+        """:meth:`actor_update` with hand-written backward passes (:mod:`pamarl.nets.manual`), the same loss.
+
+        ``dL/dq_i = -s active_i / sum(active_i)`` (``s`` = 1, or 1/N for a shared actor's mean) goes back
+        through the frozen critics to their inputs; critic ``i``'s gradient at agent ``i``'s action columns
+        is ``dL/d mine_i``, which goes through the Gumbel-softmax (or tanh) to the logits; add the
+        penalty's ``2 c s pre mask / (B A)`` and the actors' backward does the rest.
+        """
+        cfg, n, a_dim = self.cfg, self.n, self.spec.act_dim
+        active = batch.active.float()
+        act = active.unsqueeze(-1)
+        pre, actor_tape = manual.forward(self.actor.body, batch.obs)  # [B, N, A]
+        soft = None
+        if self.spec.discrete:
+            hard, soft = gumbel_softmax_parts(masked_logits(pre, batch.action_mask), cfg.gumbel_tau, self.generator)
+            mine = hard - soft + soft  # the straight-through sample's value, as gumbel_softmax computes it
+        else:
+            mine = self.actor.squash(pre)
+        mine = mine * act
+        replayed = self.encode(batch.action, batch.active)
+        eye = torch.eye(n, device=pre.device).unsqueeze(-1)
+        joint = replayed.unsqueeze(1) * (1 - eye) + mine.unsqueeze(1) * eye
+        x = self.critic_x(batch.state, batch.obs)
+        q, critic_tape = manual.forward(self.critic, self.critic_inputs(x, joint))
+        q = q.squeeze(-1)  # [B, N]
+        count = active.sum(0).clamp_min(1.0)
+        per_agent = -(q * active).sum(0) / count
+        masked_sq = pre.square() * self.actor.dim_mask
+        reg = cfg.actor_reg * masked_sq.mean((0, 2))
+        scale = 1.0 / n if cfg.share_params else 1.0
+        loss = scale * (per_agent + reg).sum()
+        check_finite(loss, "the actor loss")
+        # Critic i's input columns of agent i's action, [N, A]: the only input gradient the actors need.
+        cols = x.shape[-1] + torch.arange(n * a_dim, device=x.device).view(n, a_dim)
+        d_mine = manual.backward(critic_tape, (-scale * active / count).unsqueeze(-1), input_grad=True,
+                                 param_grad=False, input_cols=cols)  # [B, N, A]
+        assert d_mine is not None
+        d_mine = d_mine * act
+        if soft is not None:
+            # masked_logits passes no gradient to the forbidden actions it overwrote; their soft is exactly 0
+            # (exp of -1e9), so the softmax's Jacobian gives them 0 already.
+            d_pre = gumbel_softmax_backward(soft, d_mine, cfg.gumbel_tau)
+        else:
+            d_pre = self.actor.squash_backward(pre, d_mine)
+        d_pre += pre * self.actor.dim_mask * (2 * scale * cfg.actor_reg / (pre.shape[0] * a_dim))
+        for o in self.actor_opts:
+            o.zero_grad(set_to_none=True)
+        manual.backward(actor_tape, d_pre)
+        clip_and_step_together(self.actor_opts, self.actor_params, cfg.max_grad_norm)
+        return {"loss/actor": per_agent.mean()}

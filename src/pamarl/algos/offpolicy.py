@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -282,9 +283,10 @@ class OffPolicyAlgorithm(Algorithm):
         return metrics
 
     def step_optimizer(self, opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[nn.Parameter],
-                       what: str) -> torch.Tensor:
-        """Backward, clip and step (:func:`pamarl.algos.common.optimizer_step`); returns the gradient norm."""
-        return optimizer_step(opt, loss, params, self.cfg.max_grad_norm, what)
+                       what: str, backward: Callable[[], object] | None = None) -> torch.Tensor:
+        """Backward (or ``backward()``), clip and step (:func:`pamarl.algos.common.optimizer_step`); returns
+        the gradient norm."""
+        return optimizer_step(opt, loss, params, self.cfg.max_grad_norm, what, backward)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

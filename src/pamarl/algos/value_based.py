@@ -26,6 +26,7 @@ from pamarl.algos.offpolicy import (
 from pamarl.buffers.replay import EpisodeBatch, TransitionBatch
 from pamarl.envs.base import BatchObs
 from pamarl.errors import UsageError
+from pamarl.nets import manual
 from pamarl.nets.qnets import AgentQNet
 
 
@@ -108,6 +109,9 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
             params += list(self.mixer.parameters())
         self.params = params
         self.opts = {"q": fused_adam(params, cfg.lr, cfg.adam_eps)}
+        # Hand-written backward of the agents' relu MLPs (nets.manual; autograd for GRU agents and the mixer).
+        self.manual_grads = not cfg.rnn and manual.supports(self.qnet.mlp)
+        self._agent_tape: tuple[manual.Tape, torch.Tensor] | None = None  # q_pairs -> train_step
         # Recurrent states of the training rollout and of evaluations, kept apart so that an evaluation in
         # the middle of a rollout never disturbs the training episodes.
         self.h_train: torch.Tensor | None = None
@@ -178,11 +182,18 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
                     "next_active": batch.active[:, 1:].float(),
                     "state": batch.state[:, :-1], "next_state": batch.state[:, 1:], "weight": batch.filled}
         B = batch.obs.shape[0]
-        if cfg.double_q:  # one forward for both the chosen and the successor's online values
-            q_both, _ = self.qnet(torch.cat([batch.obs, batch.next_obs]))
-            q_all, q_on_next = q_both[:B], q_both[B:].detach()
+        obs = torch.cat([batch.obs, batch.next_obs]) if cfg.double_q else batch.obs
+        if self.manual_grads:
+            # The agents' MLP runs without a graph (nets.manual): the loss's backward stops at the values
+            # q_all, a leaf, and train_step takes their gradient through the MLP by hand.
+            q_both, tape = manual.forward(self.qnet.mlp, obs)
+            q_all = q_both[:B].detach().requires_grad_(True)
+            self._agent_tape = (tape, q_all)
         else:
-            q_all, _ = self.qnet(batch.obs)
+            q_both, _ = self.qnet(obs)  # with double Q, one forward for the chosen and the successor's values
+            q_all = q_both[:B]
+        if cfg.double_q:
+            q_on_next = q_both[B:].detach()
         q = q_all.gather(-1, batch.action.unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
             q_t, _ = self.target_qnet(batch.next_obs)
@@ -214,7 +225,17 @@ class ValueBasedAlgorithm(OffPolicyAlgorithm):
     def train_step(self, batch: TransitionBatch | EpisodeBatch) -> dict[str, torch.Tensor]:
         p = self.q_pairs(batch)
         loss, extra = self.loss(p)
-        norm = self.step_optimizer(self.opts["q"], loss, self.params, "the TD loss")
+        backward = None
+        if self._agent_tape is not None:
+            tape, q_all = self._agent_tape
+            self._agent_tape = None
+
+            def backward() -> None:
+                loss.backward()  # the mixer's parameters, and dL/dq_all
+                if q_all.grad is not None:  # the agents' MLPs, over the rows that carry gradient
+                    manual.backward(tape, q_all.grad, rows=q_all.shape[0])
+
+        norm = self.step_optimizer(self.opts["q"], loss, self.params, "the TD loss", backward)
         m = p["active"] * p["weight"].unsqueeze(-1)
         return {"loss/td": loss.detach(), "train/q_taken": (p["q"].detach() * m).sum() / m.sum().clamp_min(1.0),
                 "train/grad_norm": norm, **extra}

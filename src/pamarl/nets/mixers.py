@@ -14,6 +14,8 @@ Both take ``qs [..., N]`` and ``state [..., S]`` with any leading dims and retur
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -57,6 +59,9 @@ class QMixer(nn.Module):
         # (in elu's linear range), with a weak state dependence to learn from. torch's default init gives
         # gains of 5-15 on a 50-dim state; gamma * gain > 1 makes the greedy bootstrap an expansion, and on
         # MPE we saw Q_tot run away to values above any possible return.
+        self.manual = True
+        """Train through :class:`_ManualMix` (one autograd node, hand-written backward) instead of autograd's
+        graph of about 25 nodes; same values and gradients (``tests/test_manual_grad.py``)."""
         for net in (self.hyper_w1, self.hyper_w2):
             last = net if isinstance(net, nn.Linear) else list(net.children())[-1]
             assert isinstance(last, nn.Linear)
@@ -65,6 +70,11 @@ class QMixer(nn.Module):
                 last.bias.fill_(embed_dim**-0.5)
 
     def forward(self, qs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        if self.manual and torch.is_grad_enabled() and qs.requires_grad and not state.requires_grad:
+            return _ManualMix.apply(qs, state, self)
+        return self._forward(qs, state)
+
+    def _forward(self, qs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         lead = qs.shape[:-1]
         q = qs.reshape(-1, 1, self.n_agents)
         s = state.reshape(-1, state.shape[-1])
@@ -75,3 +85,77 @@ class QMixer(nn.Module):
         w2 = self.hyper_w2(s).abs().view(-1, self.embed_dim, 1)
         b2 = self.hyper_b2(s).view(-1, 1, 1)
         return (torch.bmm(hidden, w2) + b2).reshape(lead)
+
+
+def _hyper_forward(net: nn.Module, s: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A hypernetwork (``Linear``, or ``Linear, ReLU, Linear``) on ``s [M, S]``; returns the output and each
+    layer's input (the second one a relu output)."""
+    layers = [net] if isinstance(net, nn.Linear) else [m for m in net.children() if isinstance(m, nn.Linear)]
+    ins, h = [], s
+    for j, lin in enumerate(layers):
+        ins.append(h)
+        h = torch.addmm(lin.bias, h, lin.weight.t())
+        if j < len(layers) - 1:
+            h = torch.relu_(h)
+    return h, ins
+
+
+def _hyper_backward(net: nn.Module, ins: list[torch.Tensor], g: torch.Tensor) -> None:
+    """Add ``dL/dW = g^T h`` and ``dL/db = sum g`` of every layer of ``net`` to its parameters' ``.grad``."""
+    layers = [net] if isinstance(net, nn.Linear) else [m for m in net.children() if isinstance(m, nn.Linear)]
+    for j in range(len(layers) - 1, -1, -1):
+        lin, h = layers[j], ins[j]
+        for p, d in ((lin.weight, g.t() @ h), (lin.bias, g.sum(0))):
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = d
+                else:
+                    p.grad.add_(d)
+        if j > 0:
+            g = torch.ops.aten.threshold_backward(g @ lin.weight, h, 0)
+
+
+class _ManualMix(torch.autograd.Function):
+    """:meth:`QMixer._forward` as one autograd node whose backward is written out (QMIX eq. 5's mixer):
+
+    ``pre = q W1 + b1``, ``h = elu(pre)``, ``out = h w2 + b2`` with ``W1 = |H1(s)|``, ``w2 = |H2(s)|``; backward
+    ``dw2 = h^T g``, ``dpre = elu'(pre) (g w2^T)``, ``dW1 = q^T dpre``, ``dq = dpre W1^T``, ``db1 = dpre``,
+    ``db2 = g``, through ``abs`` (``sign``) into the hypernetworks. The state gets no gradient (it is data).
+    The mixer's parameter gradients are accumulated into their ``.grad`` here, as autograd would.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qs: torch.Tensor, state: torch.Tensor, mixer: QMixer) -> torch.Tensor:
+        n, e = mixer.n_agents, mixer.embed_dim
+        lead = qs.shape[:-1]
+        q = qs.reshape(-1, 1, n)
+        s = state.reshape(-1, state.shape[-1])
+        raw_w1, in_w1 = _hyper_forward(mixer.hyper_w1, s)
+        raw_b1, in_b1 = _hyper_forward(mixer.hyper_b1, s)
+        raw_w2, in_w2 = _hyper_forward(mixer.hyper_w2, s)
+        b2, in_b2 = _hyper_forward(mixer.hyper_b2, s)
+        w1 = raw_w1.abs().view(-1, n, e)
+        pre = torch.baddbmm(raw_b1.view(-1, 1, e), q, w1)
+        hidden = nn.functional.elu(pre)
+        w2 = raw_w2.abs().view(-1, e, 1)
+        out = torch.baddbmm(b2.view(-1, 1, 1), hidden, w2)
+        ctx.mixer = mixer
+        ctx.tape = (q, raw_w1, w1, pre, hidden, raw_w2, w2, in_w1, in_b1, in_w2, in_b2)
+        ctx.qs_shape = qs.shape
+        return out.reshape(lead)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        mixer: QMixer = ctx.mixer
+        q, raw_w1, w1, pre, hidden, raw_w2, w2, in_w1, in_b1, in_w2, in_b2 = ctx.tape
+        with torch.no_grad():
+            g = grad.reshape(-1, 1, 1)
+            d_w2 = hidden.transpose(1, 2) * g  # [M, E, 1]
+            d_pre = torch.ops.aten.elu_backward(g * w2.transpose(1, 2), 1.0, 1, 1, False, pre)  # [M, 1, E]
+            d_w1 = q.transpose(1, 2) * d_pre  # [M, N, E]
+            d_q = torch.bmm(d_pre, w1.transpose(1, 2))  # [M, 1, N]
+            _hyper_backward(mixer.hyper_w1, in_w1, d_w1.view_as(raw_w1) * raw_w1.sign())
+            _hyper_backward(mixer.hyper_b1, in_b1, d_pre.view(d_pre.shape[0], -1))
+            _hyper_backward(mixer.hyper_w2, in_w2, d_w2.view_as(raw_w2) * raw_w2.sign())
+            _hyper_backward(mixer.hyper_b2, in_b2, g.view(-1, 1))
+        return d_q.reshape(ctx.qs_shape), None, None

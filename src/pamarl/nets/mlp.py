@@ -16,7 +16,9 @@ its slices; a forward over one network reads that network's parameters directly.
 shapes, checkpoints and per-agent optimisers are the same as without it; what changes is the number of
 autograd nodes and copies per update (``benchmarks/offpolicy_speed.py``). Not for code that
 differentiates with respect to the parameters themselves (``torch.autograd.grad(loss, params)``, as
-HATRPO does): the graph holds ``W``, not the per-agent parameters.
+HATRPO does): the graph holds ``W``, not the per-agent parameters. The off-policy learners train these
+networks without autograd where they can (:mod:`pamarl.nets.manual`, a hand-written backward on the same
+stacked leaves).
 """
 
 from __future__ import annotations

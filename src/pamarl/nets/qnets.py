@@ -161,6 +161,12 @@ class DeterministicActor(nn.Module):
         dm = self.dim_mask if agents is None else self.dim_mask[list(agents)]
         return torch.tanh(pre) * dm
 
+    def squash_backward(self, pre: torch.Tensor, grad: torch.Tensor, agents: Sequence[int] | None = None
+                        ) -> torch.Tensor:
+        """``dL/dpre`` of :meth:`squash` from ``grad = dL/d action``: ``grad * mask * (1 - tanh(pre)^2)``."""
+        dm = self.dim_mask if agents is None else self.dim_mask[list(agents)]
+        return grad * dm * (1 - torch.tanh(pre).square())
+
     def to_env(self, action: torch.Tensor) -> torch.Tensor:
         """Discrete ids unchanged; continuous [-1, 1] actions mapped into ``[low, high]``."""
         if self.discrete:
@@ -171,9 +177,22 @@ class DeterministicActor(nn.Module):
 def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None) -> torch.Tensor:
     """Straight-through Gumbel-softmax (Jang et al. 2017): a one-hot sample forward, the gradient of
     ``softmax((logits + g) / tau)`` backward. Noise comes from ``generator`` (resumable), not the global RNG."""
+    hard, soft = gumbel_softmax_parts(logits, tau, generator)
+    return hard - soft.detach() + soft
+
+
+def gumbel_softmax_parts(logits: torch.Tensor, tau: float, generator: torch.Generator | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-hot sample and ``softmax((logits + g) / tau)`` of :func:`gumbel_softmax` (same noise draws)."""
     u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
     e = -torch.log(u.clamp_min(1e-20))  # Exp(1) noise, >= 0
     g = -torch.log(e.clamp_min(1e-20))
     soft = torch.softmax((logits + g) / tau, -1)
     hard = nn.functional.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
-    return hard - soft.detach() + soft
+    return hard, soft
+
+
+def gumbel_softmax_backward(soft: torch.Tensor, grad: torch.Tensor, tau: float) -> torch.Tensor:
+    """``dL/dlogits`` of :func:`gumbel_softmax` from ``grad = dL/d sample``: the softmax's Jacobian,
+    ``soft * (grad - <grad, soft>) / tau`` (the straight-through sample passes ``grad`` to ``soft``)."""
+    return soft * (grad - (grad * soft).sum(-1, keepdim=True)) / tau
