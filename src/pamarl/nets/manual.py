@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pamarl.nets.mlp import AgentMLP
+from pamarl.nets.mlp import AgentMLP, add_grad
 
 
 def supports(mlp: AgentMLP) -> bool:
@@ -133,9 +133,4 @@ def backward(tape: Tape, grad_out: torch.Tensor, input_grad: bool = False, param
 def _accumulate(params: list[nn.Parameter], nets: list[int], grad: torch.Tensor) -> None:
     """Give network ``nets[i]``'s parameter ``grad[i]`` (a view), or add it to the gradient it holds."""
     for part, i in zip(grad.unbind(0), nets):
-        p = params[i]
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = part
-            else:
-                p.grad.add_(part)
+        add_grad(params[i], part)

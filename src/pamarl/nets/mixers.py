@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pamarl.nets.mlp import add_grad
+
 
 class VDNMixer(nn.Module):
     """Q_tot = sum of the agents' values (the state is ignored)."""
@@ -87,10 +89,14 @@ class QMixer(nn.Module):
         return (torch.bmm(hidden, w2) + b2).reshape(lead)
 
 
+def _linears(net: nn.Module) -> list[nn.Linear]:
+    """The linear layers of a hypernetwork (``Linear``, or ``Linear, ReLU, Linear``), in order."""
+    return [net] if isinstance(net, nn.Linear) else [m for m in net.children() if isinstance(m, nn.Linear)]
+
+
 def _hyper_forward(net: nn.Module, s: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """A hypernetwork (``Linear``, or ``Linear, ReLU, Linear``) on ``s [M, S]``; returns the output and each
-    layer's input (the second one a relu output)."""
-    layers = [net] if isinstance(net, nn.Linear) else [m for m in net.children() if isinstance(m, nn.Linear)]
+    """A hypernetwork on ``s [M, S]``; returns the output and each layer's input (the second a relu output)."""
+    layers = _linears(net)
     ins, h = [], s
     for j, lin in enumerate(layers):
         ins.append(h)
@@ -102,15 +108,11 @@ def _hyper_forward(net: nn.Module, s: torch.Tensor) -> tuple[torch.Tensor, list[
 
 def _hyper_backward(net: nn.Module, ins: list[torch.Tensor], g: torch.Tensor) -> None:
     """Add ``dL/dW = g^T h`` and ``dL/db = sum g`` of every layer of ``net`` to its parameters' ``.grad``."""
-    layers = [net] if isinstance(net, nn.Linear) else [m for m in net.children() if isinstance(m, nn.Linear)]
+    layers = _linears(net)
     for j in range(len(layers) - 1, -1, -1):
         lin, h = layers[j], ins[j]
-        for p, d in ((lin.weight, g.t() @ h), (lin.bias, g.sum(0))):
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = d
-                else:
-                    p.grad.add_(d)
+        add_grad(lin.weight, g.t() @ h)
+        add_grad(lin.bias, g.sum(0))
         if j > 0:
             g = torch.ops.aten.threshold_backward(g @ lin.weight, h, 0)
 

@@ -42,6 +42,17 @@ def _init_linear(layer: nn.Linear, gain: float) -> nn.Linear:
     return layer
 
 
+def add_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    """Accumulate ``g`` into ``p.grad`` as autograd does (set when there is none, else add), if ``p`` needs a
+    gradient; for code that hands gradients to parameters itself (the stacked leaves' hook, the hand-written
+    backward passes of :mod:`pamarl.nets.manual` and the QMIX mixer)."""
+    if p.requires_grad:
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+
+
 class _MLP(nn.Module):
     def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, out_gain: float, act_gain: float,
                  input_norm: bool = False, layer_norm: bool = False):
@@ -319,12 +330,7 @@ class AgentMLP(nn.Module):
                 return
             parts = g.unbind(0)  # every slice in one call
             for i in sorted(nets) if nets else range(len(views)):  # (no record: switched on after the forward)
-                p = views[i]
-                if p.requires_grad:
-                    if p.grad is None:
-                        p.grad = parts[i]
-                    else:
-                        p.grad.add_(parts[i])
+                add_grad(views[i], parts[i])
 
         return hand_out
 
