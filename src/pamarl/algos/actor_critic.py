@@ -161,24 +161,16 @@ class ActorCriticAlgorithm(OffPolicyAlgorithm):
         """Regress every critic on its target ``y [B, K]`` (mean squared TD error, summed over critics)."""
         x = self.critic_x(batch.state, batch.obs)
         inp = self.critic_inputs(x, self.encode(batch.action, batch.active))
-        if self.manual_grads:  # the same loss; its gradient dL/dq = 2 (q - y) w / sum(w) by hand (nets.manual)
-            out, tape = manual.forward(self.critic, inp)
-            q = out.squeeze(-1)
-            diff = q - y
-            w = torch.ones_like(q) if weight is None else weight
-            denom = w.sum(0).clamp_min(1.0)
-            loss = ((diff.pow(2) * w).sum(0) / denom).sum()
-            dq = diff * w * (2.0 / denom)
-            norm = self.step_optimizer(self.opts["critic"], loss, self.critic_params, "the critic loss",
-                                       lambda: manual.backward(tape, dq.unsqueeze(-1)))
-        else:
-            q = self.critic(inp).squeeze(-1)
-            err = (q - y).pow(2)
-            if weight is None:
-                loss = err.mean(0).sum()
-            else:
-                loss = ((err * weight).sum(0) / weight.sum(0).clamp_min(1.0)).sum()
-            norm = self.step_optimizer(self.opts["critic"], loss, self.critic_params, "the critic loss")
+        # Without a graph (nets.manual) the loss's gradient dL/dq = 2 (q - y) w / sum(w) goes back by hand.
+        out, tape = manual.forward(self.critic, inp) if self.manual_grads else (self.critic(inp), None)
+        q = out.squeeze(-1)
+        diff = q - y
+        w = torch.ones_like(q) if weight is None else weight
+        denom = w.sum(0).clamp_min(1.0)
+        loss = ((diff.pow(2) * w).sum(0) / denom).sum()
+        backward = None if tape is None else (
+            lambda: manual.backward(tape, (diff * w * (2.0 / denom)).unsqueeze(-1)))
+        norm = self.step_optimizer(self.opts["critic"], loss, self.critic_params, "the critic loss", backward)
         return {"loss/critic": loss.detach() / q.shape[1], "train/q": q.detach().mean(), "train/target": y.mean(),
                 "train/grad_norm_critic": norm}
 
