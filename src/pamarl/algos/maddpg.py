@@ -76,21 +76,16 @@ class MADDPG(ActorCriticAlgorithm):
 
     def actor_update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
         """Every actor ascends its own critic at once (eq. 5), in one batched pass."""
-        cfg = self.cfg
-        active = batch.active.float()
         if self.manual_grads:
             return self.manual_actor_update(batch)
+        cfg = self.cfg
+        active = batch.active.float()
         pre = self.actor(batch.obs)  # [B, N, A]
         if self.spec.discrete:
             mine = gumbel_softmax(masked_logits(pre, batch.action_mask), cfg.gumbel_tau, self.generator)
         else:
             mine = self.actor.squash(pre)
-        mine = mine * active.unsqueeze(-1)
-        replayed = self.encode(batch.action, batch.active)  # [B, N, A]
-        # Critic i sees agent i's fresh action and the replayed actions of the others: joint[b, i, j] is
-        # mine[b, j] if i == j else replayed[b, j]. Off-diagonal terms carry zero gradient to the actors.
-        eye = torch.eye(self.n, device=pre.device).unsqueeze(-1)  # [N (critic), N (agent), 1]
-        joint = replayed.unsqueeze(1) * (1 - eye) + mine.unsqueeze(1) * eye
+        joint = self.own_action_joint(batch, mine * active.unsqueeze(-1))
         self.critic_grad(False)
         q = self.q_values(self.critic, self.critic_x(batch.state, batch.obs), joint)  # [B, N]
         self.critic_grad(True)
@@ -106,6 +101,13 @@ class MADDPG(ActorCriticAlgorithm):
         # Every actor steps now: per-agent clipping, then one optimiser kernel for all of them.
         clip_and_step_together(self.actor_opts, self.actor_params, cfg.max_grad_norm)
         return {"loss/actor": per_agent.detach().mean()}
+
+    def own_action_joint(self, batch: TransitionBatch, mine: torch.Tensor) -> torch.Tensor:
+        """The joint actions ``[B, N (critic), N (agent), A]`` of eq. 5: critic ``i`` sees agent ``i``'s fresh action
+        ``mine [B, N, A]`` and the replayed actions of the others (off-diagonal terms carry no gradient)."""
+        replayed = self.encode(batch.action, batch.active)  # [B, N, A]
+        eye = torch.eye(self.n, device=mine.device).unsqueeze(-1)  # [N (critic), N (agent), 1]
+        return replayed.unsqueeze(1) * (1 - eye) + mine.unsqueeze(1) * eye
 
     @torch.no_grad()
     def manual_actor_update(self, batch: TransitionBatch) -> dict[str, torch.Tensor]:
@@ -126,10 +128,7 @@ class MADDPG(ActorCriticAlgorithm):
             mine = hard - soft + soft  # the straight-through sample's value, as gumbel_softmax computes it
         else:
             mine = self.actor.squash(pre)
-        mine = mine * act
-        replayed = self.encode(batch.action, batch.active)
-        eye = torch.eye(n, device=pre.device).unsqueeze(-1)
-        joint = replayed.unsqueeze(1) * (1 - eye) + mine.unsqueeze(1) * eye
+        joint = self.own_action_joint(batch, mine * act)
         x = self.critic_x(batch.state, batch.obs)
         q, critic_tape = manual.forward(self.critic, self.critic_inputs(x, joint))
         q = q.squeeze(-1)  # [B, N]
