@@ -156,16 +156,18 @@ class DeterministicActor(nn.Module):
         """Pre-activations ``[..., k, act_dim]`` (logits, or the argument of tanh)."""
         return self.body(obs, agents)
 
+    def agent_dim_mask(self, agents: Sequence[int] | None = None) -> torch.Tensor:
+        """The action-dimension mask ``[k, act_dim]`` of ``agents`` (default: all): 1 where a dimension exists."""
+        return self.dim_mask if agents is None else self.dim_mask[list(agents)]
+
     def squash(self, pre: torch.Tensor, agents: Sequence[int] | None = None) -> torch.Tensor:
         """Continuous action in [-1, 1] from pre-activations; padded dimensions set to zero."""
-        dm = self.dim_mask if agents is None else self.dim_mask[list(agents)]
-        return torch.tanh(pre) * dm
+        return torch.tanh(pre) * self.agent_dim_mask(agents)
 
     def squash_backward(self, pre: torch.Tensor, grad: torch.Tensor, agents: Sequence[int] | None = None
                         ) -> torch.Tensor:
         """``dL/dpre`` of :meth:`squash` from ``grad = dL/d action``: ``grad * mask * (1 - tanh(pre)^2)``."""
-        dm = self.dim_mask if agents is None else self.dim_mask[list(agents)]
-        return grad * dm * (1 - torch.tanh(pre).square())
+        return grad * self.agent_dim_mask(agents) * (1 - torch.tanh(pre).square())
 
     def to_env(self, action: torch.Tensor) -> torch.Tensor:
         """Discrete ids unchanged; continuous [-1, 1] actions mapped into ``[low, high]``."""
